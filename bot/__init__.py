@@ -1,0 +1,1 @@
+"""Chat adapters (Discord, Slack) and the web gallery: parse, call core, send."""

@@ -1,0 +1,1 @@
+"""Grounded car Q&A: visual evidence, knowledge-base retrieval, prompt, answering backends."""

@@ -1,0 +1,41 @@
+"""The one settings object, read from the environment and `.env`, passed to whoever needs it."""
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.vlm.config import PrBlockConfig, SAQConfig
+
+
+class Settings(BaseSettings):
+    """Everything configurable. Nested values use `__`, e.g. `ATTENTION__ALPHA=2`."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_nested_delimiter="__",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    data_dir: Path = Field(
+        Path("data"), validation_alias=AliasChoices("TALKMOSAIC_DATA_DIR", "data_dir")
+    )
+    database_url: str | None = Field(
+        None, validation_alias=AliasChoices("DATABASE_URL", "database_url")
+    )
+    max_image_pixels: int = 40_000_000
+    max_upload_bytes: int = 20 * 1024 * 1024
+    preview_max_bytes: int = 8 * 1024 * 1024
+
+    attention: PrBlockConfig = PrBlockConfig()
+    kv_cache: SAQConfig = SAQConfig()
+
+    @property
+    def media_dir(self) -> Path:
+        return self.data_dir / "media"
+
+    @property
+    def db_url(self) -> str:
+        """DATABASE_URL if given, else a SQLite file in the data directory."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'talkmosaic.db').resolve()}"

@@ -1,0 +1,38 @@
+"""Settings of PrFlashAttention and the SAQ cache, as plain dataclasses.
+
+Kept free of torch so the bot's settings can embed them without importing a model stack.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PrBlockConfig:
+    """Probabilistic block-sparse attention: which key blocks a query block sees.
+
+    Block distance d = i - j. Always kept: d < window, the first `sinks` blocks, protected
+    token ranges. Others kept with probability min(1, alpha / (d - window + 1) ** beta).
+    """
+
+    block_size: int = 64
+    window: int = 4
+    sinks: int = 1
+    alpha: float = 1.0
+    beta: float = 1.0
+    seed: int = 0
+    log_p_correction: bool = False
+
+
+@dataclass(frozen=True)
+class SAQConfig:
+    """Staircase KV-cache quantization: newer tokens keep more bits.
+
+    `bits` lists the quantized stairs from newest to oldest (the last one is unbounded);
+    `residual` tokens (S) stay in full precision, each stair holds S tokens, groups are G wide.
+    """
+
+    bits: tuple[int, ...] = (8, 4, 2)
+    residual: int = 128
+    group_size: int = 32
+    sinks: int = 4
+    protect_image_tokens: bool = True

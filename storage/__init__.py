@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy models and engine set-up, small repositories, the media store."""
