@@ -1,0 +1,48 @@
+"""Errors a user can cause. `str(error)` is one clear sentence that the chat shows as it is."""
+
+from core.vlm.loader import ModelNotInstalled
+
+
+class UserError(Exception):
+    """Base of every error caused by what a user sent; never shown with a traceback."""
+
+
+class BadImage(UserError):
+    """Not an image, truncated, too large, or a decompression bomb."""
+
+
+class UnknownMosaic(UserError):
+    """No mosaic by that name in this scope."""
+
+
+class MosaicExists(UserError):
+    """A mosaic by that name already exists in this scope."""
+
+
+class BadCoordinate(UserError):
+    """A tile coordinate that does not parse or lies off the grid."""
+
+
+class BadQuestion(UserError):
+    """An empty or overlong question."""
+
+
+class QueueFull(UserError):
+    """The job queue, or this user's share of it, is full."""
+
+
+class EmptyLibrary(UserError):
+    """A mosaic was requested before any car photo was added."""
+
+
+__all__ = [
+    "BadCoordinate",
+    "BadImage",
+    "BadQuestion",
+    "EmptyLibrary",
+    "ModelNotInstalled",
+    "MosaicExists",
+    "QueueFull",
+    "UnknownMosaic",
+    "UserError",
+]
