@@ -1,8 +1,9 @@
 """The one settings object, read from the environment and `.env`, passed to whoever needs it."""
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.vlm.config import PrBlockConfig, SAQConfig
@@ -27,6 +28,28 @@ class Settings(BaseSettings):
     max_image_pixels: int = 40_000_000
     max_upload_bytes: int = 20 * 1024 * 1024
     preview_max_bytes: int = 8 * 1024 * 1024
+
+    # Chat platforms: an adapter starts only when its tokens are present.
+    discord_token: SecretStr | None = None
+    discord_guild_id: int | None = None
+    slack_bot_token: SecretStr | None = None
+    slack_app_token: SecretStr | None = None
+    slack_signing_secret: SecretStr | None = None
+    slack_port: int = 3000
+    cooldown_s: float = 5.0
+
+    # Web gallery: loopback only unless changed on purpose.
+    gallery_host: str = "127.0.0.1"
+    gallery_port: int = 8080
+
+    # Q&A jobs and answering.
+    qa_backend: Literal["embedded", "vlm"] = "embedded"
+    vlm_model_path: Path | None = None
+    vlm_quantization: Literal["none", "4bit", "8bit"] = "none"
+    max_question_chars: int = 1000
+    queue_max_pending: int = 50
+    queue_per_user: int = 2
+    job_timeout_s: float = 120.0
 
     attention: PrBlockConfig = PrBlockConfig()
     kv_cache: SAQConfig = SAQConfig()
