@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.vlm.config import PrBlockConfig, SAQConfig
@@ -17,6 +17,7 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="ignore",
         populate_by_name=True,
+        env_ignore_empty=True,
     )
 
     data_dir: Path = Field(
@@ -53,6 +54,15 @@ class Settings(BaseSettings):
 
     attention: PrBlockConfig = PrBlockConfig()
     kv_cache: SAQConfig = SAQConfig()
+
+    @field_validator("kv_cache", mode="before")
+    @classmethod
+    def _bits_from_text(cls, value):
+        # Nested dataclass fields reach us as raw text: "8,4,2" and "[8,4,2]" both mean (8, 4, 2).
+        if isinstance(value, dict) and isinstance(value.get("bits"), str):
+            bits = value["bits"].strip("[]() ").split(",")
+            value = {**value, "bits": tuple(int(b) for b in bits if b.strip())}
+        return value
 
     @property
     def media_dir(self) -> Path:
