@@ -35,11 +35,16 @@ class EmptyLibrary(UserError):
     """A mosaic was requested before any car photo was added."""
 
 
+class LibraryTooSmall(UserError):
+    """The library cannot fill the grid under the requested per-photo use limit."""
+
+
 __all__ = [
     "BadCoordinate",
     "BadImage",
     "BadQuestion",
     "EmptyLibrary",
+    "LibraryTooSmall",
     "ModelNotInstalled",
     "MosaicExists",
     "QueueFull",
