@@ -39,9 +39,14 @@ class LibraryTooSmall(UserError):
     """The library cannot fill the grid under the requested per-photo use limit."""
 
 
+class BadMosaicName(UserError):
+    """A mosaic name that is empty or too long."""
+
+
 __all__ = [
     "BadCoordinate",
     "BadImage",
+    "BadMosaicName",
     "BadQuestion",
     "EmptyLibrary",
     "LibraryTooSmall",
