@@ -1,0 +1,73 @@
+"""Mosaic and tile rows: find a mosaic by name in its scope, store one in one transaction, and
+look a tile up by its grid position (the unique (mosaic_id, row, col) index makes that one seek).
+"""
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.orm import Session
+
+from storage.models import Car, Mosaic, Tile
+
+
+def mosaic_by_name(session: Session, scope: str, name: str) -> Mosaic | None:
+    return session.scalar(select(Mosaic).where(Mosaic.owner_scope == scope, Mosaic.name == name))
+
+
+def mosaic_by_id(session: Session, mosaic_id: int) -> Mosaic | None:
+    return session.get(Mosaic, mosaic_id)
+
+
+def mosaics_in_scope(session: Session, scope: str) -> list[Mosaic]:
+    """Newest first."""
+    query = select(Mosaic).where(Mosaic.owner_scope == scope)
+    return list(session.scalars(query.order_by(Mosaic.created_at.desc(), Mosaic.id.desc())))
+
+
+def add_mosaic(session: Session, mosaic: Mosaic, tiles: list[dict]) -> Mosaic:
+    """Insert the mosaic, then its tiles as one executemany (keys: row, col, car_id, x0, y0,
+    x1, y1, score). The caller's transaction makes the pair atomic."""
+    session.add(mosaic)
+    session.flush()
+    session.execute(insert(Tile), [{**tile, "mosaic_id": mosaic.id} for tile in tiles])
+    return mosaic
+
+
+def tile_at(session: Session, mosaic_id: int, row: int, col: int) -> tuple[Tile, Car | None]:
+    """The tile at (row, col) and its car (None if the car was deleted since)."""
+    query = (
+        select(Tile, Car)
+        .outerjoin(Car, Car.id == Tile.car_id)
+        .where(Tile.mosaic_id == mosaic_id, Tile.row == row, Tile.col == col)
+    )
+    tile, car = session.execute(query).one()
+    return tile, car
+
+
+def tile_rows(session: Session, mosaic_id: int) -> list[Tile]:
+    query = select(Tile).where(Tile.mosaic_id == mosaic_id).order_by(Tile.row, Tile.col)
+    return list(session.scalars(query))
+
+
+def distinct_cars(session: Session, mosaic_id: int) -> int:
+    query = select(func.count(func.distinct(Tile.car_id))).where(Tile.mosaic_id == mosaic_id)
+    return session.scalar(query) or 0
+
+
+def library_features(session: Session) -> tuple[list[int], list[str], bytes, int]:
+    """Every car's id, sha256 and float32 Lab-grid features (concatenated), and the grid size.
+    Raises ValueError if cars were indexed with different grid sizes."""
+    rows = session.execute(
+        select(Car.id, Car.sha256, Car.features, Car.feature_grid).order_by(Car.id)
+    ).all()
+    grids = {row.feature_grid for row in rows}
+    if len(grids) > 1:
+        raise ValueError(f"cars were indexed with different feature grids: {sorted(grids)}")
+    grid = grids.pop() if grids else 0
+    return [r.id for r in rows], [r.sha256 for r in rows], b"".join(r.features for r in rows), grid
+
+
+def car_thumbnails(session: Session, car_ids: list[int]) -> dict[int, bytes]:
+    found: dict[int, bytes] = {}
+    for start in range(0, len(car_ids), 5000):
+        part = car_ids[start : start + 5000]
+        found.update(session.execute(select(Car.id, Car.thumbnail).where(Car.id.in_(part))).all())
+    return found
