@@ -1,0 +1,349 @@
+"""The chat commands, platform-agnostic: parse a request, call core off the event loop, and return
+a Reply (text + files) that the Discord and Slack adapters only have to send.
+
+A UserError becomes one ephemeral sentence; nothing else the user did shows a traceback.
+"""
+
+import asyncio
+import io
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from PIL import Image
+
+from core.context import AppContext
+from core.errors import BadImage, UnknownMosaic, UserError
+from core.gallery import TileLookup, find_mosaic, list_mosaics, tile_lookup
+from core.images import decode_image
+from core.mosaic import MosaicOptions, build_mosaic, format_coordinate, preview_image
+from storage.messages import mosaic_for_message, remember_message
+from storage.models import Mosaic
+
+log = logging.getLogger(__name__)
+
+# Mosaics built from the CLI or `talkmosaic demo` live here and are visible from every chat.
+SHARED_SCOPE = "local"
+# Commands that cost real work; look-ups and lists stay free so "C7" then "C8" just works.
+COOLED_COMMANDS = frozenset({"build", "show", "ask"})
+# A message that is nothing but a tile coordinate, e.g. "C7", "aa12" or "3,7".
+COORDINATE_MESSAGE = re.compile(r"^\s*(?:[A-Za-z]{1,3}\s*\d{1,6}|\d{1,6}\s*[,;]\s*\d{1,6})\s*$")
+EXTENSIONS = {"image/png": "png", "image/webp": "webp", "image/gif": "gif"}
+
+
+class CoolingDown(UserError):
+    """The same user ran the same costly command again too soon."""
+
+
+@dataclass
+class Reply:
+    """What a command answers: the adapter posts text and files, privately when ephemeral.
+
+    mosaic_id is set when the reply shows a mosaic (the adapter remembers the message it posts);
+    job_id when a question was queued (the adapter follows the job's status)."""
+
+    text: str
+    files: list[tuple[str, bytes]] = field(default_factory=list)
+    ephemeral: bool = False
+    mosaic_id: int | None = None
+    job_id: int | None = None
+    position: int | None = None
+
+
+def error_reply(error: UserError) -> Reply:
+    return Reply(str(error), ephemeral=True)
+
+
+class Cooldowns:
+    """Per-user, per-command waiting time between two costly commands."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.seconds = seconds
+        self.clock = clock
+        self._last: dict[tuple[str, str], float] = {}
+
+    def check(self, user: str, command: str) -> None:
+        """Raise CoolingDown if this user ran this command less than `seconds` ago."""
+        if self.seconds <= 0 or command not in COOLED_COMMANDS:
+            return
+        now = self.clock()
+        last = self._last.get((user, command))
+        if last is not None and now - last < self.seconds:
+            wait = max(1, round(self.seconds - (now - last)))
+            raise CoolingDown(f"Please wait {wait} s before using {command} again.")
+        self._last[(user, command)] = now
+
+
+class JobQueueLike(Protocol):
+    def submit(self, platform: str, user_id: str, reply_to: dict, image: bytes | None,
+               question: str): ...
+
+    def position(self, job_id: int) -> int | None: ...
+
+    def get(self, job_id: int): ...
+
+
+def check_attachment(content_type: str | None, size: int | None, max_bytes: int) -> None:
+    """Refuse a chat attachment before downloading it: not an image, or too large."""
+    if content_type is not None and not content_type.lower().startswith("image/"):
+        raise BadImage("That file is not an image: send a JPEG, PNG or WebP photo.")
+    if size is not None and size > max_bytes:
+        raise BadImage(f"That image is over the {max_bytes // (1024 * 1024)} MiB upload limit.")
+
+
+class Commands:
+    """One instance per process, shared by every adapter."""
+
+    def __init__(self, ctx: AppContext, queue: JobQueueLike, cooldowns: Cooldowns | None = None):
+        self.ctx = ctx
+        self.queue = queue
+        self.cooldowns = cooldowns or Cooldowns(ctx.settings.cooldown_s)
+        # Two cores: one build at a time keeps look-ups and the worker responsive.
+        self._builds = asyncio.Semaphore(1)
+
+    async def build(
+        self, scope: str, user: str, target: bytes, name: str, columns: int | None, max_bytes: int
+    ) -> Reply:
+        try:
+            self.cooldowns.check(user, "build")
+            options = MosaicOptions(cols=columns) if columns else MosaicOptions()
+            if not 1 <= options.cols <= 300:
+                raise UserError("Columns must be between 1 and 300.")
+            async with self._builds:
+                mosaic = await asyncio.to_thread(
+                    build_mosaic, self.ctx, target, name, scope=scope, created_by=user,
+                    options=options,
+                )
+            return await self._showing(mosaic, max_bytes, built=True)
+        except UserError as error:
+            return error_reply(error)
+
+    async def show(self, scope: str, user: str, name: str, max_bytes: int) -> Reply:
+        try:
+            self.cooldowns.check(user, "show")
+            mosaic = await asyncio.to_thread(self._find, scope, name)
+            return await self._showing(mosaic, max_bytes, built=False)
+        except UserError as error:
+            return error_reply(error)
+
+    async def list(self, scope: str) -> Reply:
+        mosaics = await asyncio.to_thread(self._visible, scope)
+        if not mosaics:
+            return Reply("No mosaics yet: build one with /mosaic build.", ephemeral=True)
+        lines = [f"{m.name} ({m.cols}x{m.rows} tiles)" for m in mosaics[:50]]
+        return Reply("Mosaics:\n" + "\n".join(lines))
+
+    async def tile(self, scope: str, name: str, coordinate: str, max_bytes: int) -> Reply:
+        try:
+            mosaic = await asyncio.to_thread(self._find, scope, name)
+            found = await asyncio.to_thread(tile_lookup, self.ctx, mosaic, coordinate)
+            return await _tile_reply(mosaic, found, max_bytes)
+        except UserError as error:
+            return error_reply(error)
+
+    async def tile_for_message(
+        self, platform: str, channel_id: str, message_id: str, coordinate: str, max_bytes: int
+    ) -> Reply | None:
+        """A reply such as "C7" to a message: None when that message shows no mosaic."""
+        mosaic = await asyncio.to_thread(self._mosaic_of, platform, channel_id, message_id)
+        if mosaic is None:
+            return None
+        try:
+            found = await asyncio.to_thread(tile_lookup, self.ctx, mosaic, coordinate)
+            return await _tile_reply(mosaic, found, max_bytes)
+        except UserError as error:
+            return error_reply(error)
+
+    async def ask(
+        self, platform: str, user: str, reply_to: dict, image: bytes, question: str
+    ) -> Reply:
+        """Queue a question about a photo; the reply carries the job id and queue position."""
+        try:
+            self.cooldowns.check(f"{platform}:{user}", "ask")
+            await asyncio.to_thread(decode_image, image, self.ctx.settings.max_image_pixels)
+            job = await asyncio.to_thread(
+                self.queue.submit, platform, user, reply_to, image, question
+            )
+        except UserError as error:
+            return error_reply(error)
+        return Reply(queued_text(job.position), job_id=job.job_id, position=job.position)
+
+    async def remember(self, platform: str, channel_id: str, message_id: str,
+                       mosaic_id: int) -> None:
+        await asyncio.to_thread(self._remember, platform, channel_id, message_id, mosaic_id)
+
+    async def _showing(self, mosaic: Mosaic, max_bytes: int, built: bool) -> Reply:
+        preview = await asyncio.to_thread(preview_image, self.ctx, mosaic, max_bytes)
+        last = format_coordinate(mosaic.rows - 1, mosaic.cols - 1)
+        verb = "Built" if built else "Mosaic"
+        text = (
+            f"{verb} {mosaic.name}: {mosaic.cols}x{mosaic.rows} tiles of car photos. "
+            f"Reply to this message with a tile from A1 to {last} to see the car behind it."
+        )
+        kind = "png" if preview.startswith(b"\x89PNG") else "jpg"
+        return Reply(text, files=[(f"{_file_stem(mosaic.name)}.{kind}", preview)],
+                     mosaic_id=mosaic.id)
+
+    def _find(self, scope: str, name: str) -> Mosaic:
+        try:
+            return find_mosaic(self.ctx, name, scope)
+        except UnknownMosaic:
+            if scope == SHARED_SCOPE:
+                raise
+            return find_mosaic(self.ctx, name, SHARED_SCOPE)
+
+    def _visible(self, scope: str) -> list[Mosaic]:
+        own = list_mosaics(self.ctx, scope)
+        shared = list_mosaics(self.ctx, SHARED_SCOPE) if scope != SHARED_SCOPE else []
+        names = {m.name for m in own}
+        return own + [m for m in shared if m.name not in names]
+
+    def _mosaic_of(self, platform: str, channel_id: str, message_id: str) -> Mosaic | None:
+        with self.ctx.db.session() as session:
+            return mosaic_for_message(session, platform, channel_id, message_id)
+
+    def _remember(self, platform: str, channel_id: str, message_id: str, mosaic_id: int) -> None:
+        with self.ctx.db.session() as session:
+            remember_message(session, platform, channel_id, message_id, mosaic_id)
+
+
+def queued_text(position: int | None) -> str:
+    if not position or position <= 1:
+        return "Your question is next in line; I will answer here."
+    return f"Your question is #{position} in the queue; I will answer here."
+
+
+def is_coordinate(text: str) -> bool:
+    return bool(COORDINATE_MESSAGE.match(text or ""))
+
+
+def describe_car(info: dict | None) -> str:
+    if info is None:
+        return "a car no longer in the library"
+    name = " ".join(str(info[k]) for k in ("year", "make", "model") if info.get(k))
+    details = [name or info.get("file_name") or "a car photo"]
+    if info.get("fuel"):
+        details.append(str(info["fuel"]))
+    if info.get("co2_g_km") is not None:
+        details.append(f"{info['co2_g_km']:g} g CO2/km")
+    if info.get("emission_standard"):
+        details.append(str(info["emission_standard"]))
+    if info.get("source"):
+        details.append(f"source: {info['source']}")
+    return ", ".join(details)
+
+
+async def _tile_reply(mosaic: Mosaic, found: TileLookup, max_bytes: int) -> Reply:
+    image = found.image_bytes
+    content_type = found.content_type
+    if len(image) > max_bytes:
+        image = await asyncio.to_thread(shrink_jpeg, image, max_bytes)
+        content_type = "image/jpeg"
+    text = f"{found.label} of {mosaic.name}: {describe_car(found.car_info)}."
+    if found.note:
+        text += " " + found.note
+    name = f"{_file_stem(mosaic.name)}-{found.label}.{EXTENSIONS.get(content_type, 'jpg')}"
+    return Reply(text, files=[(name, image)])
+
+
+def shrink_jpeg(data: bytes, max_bytes: int) -> bytes:
+    """Re-encode an image as a JPEG that fits max_bytes, halving its size until it does."""
+    try:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+    except OSError as error:
+        raise BadImage("That picture could not be read.") from error
+    while True:
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=85)
+        if out.tell() <= max_bytes or min(image.size) <= 16:
+            return out.getvalue()
+        image = image.resize((max(1, image.width // 2), max(1, image.height // 2)))
+
+
+def _file_stem(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:60] or "mosaic"
+
+
+class JobStatus(Protocol):
+    """Where one job's status shows on a platform: a message to edit, then the answer to post."""
+
+    async def update(self, text: str) -> None: ...
+
+    async def finish(self, text: str) -> None: ...
+
+
+# A platform's way to answer a job it has no live status for (e.g. after a restart).
+Fallback = Callable[[object, str], Awaitable[None]]
+FINAL_EVENTS = frozenset({"done", "failed", "cancelled", "timeout", "timed_out", "error"})
+
+
+class JobUpdates:
+    """The worker's on_update(job_id, event, text): routes it to the job's status message, and
+    re-numbers the other waiting jobs' "you are #3" as the queue moves."""
+
+    def __init__(self, queue: JobQueueLike):
+        self.queue = queue
+        self._live: dict[int, JobStatus] = {}
+        self._shown_position: dict[int, int | None] = {}
+        self._fallbacks: dict[str, Fallback] = {}
+        self._attaching = asyncio.Lock()
+
+    def add_fallback(self, platform: str, fallback: Fallback) -> None:
+        self._fallbacks[platform] = fallback
+
+    async def follow(
+        self, ask: Awaitable[Reply], show: Callable[[str], Awaitable[JobStatus]]
+    ) -> Reply:
+        """Queue a question (`ask` is Commands.ask(...)) and show its status with `show(text)`.
+
+        Both happen under one lock, so the worker's first update for the job waits until the
+        status message exists, however fast the answer comes."""
+        async with self._attaching:
+            reply = await ask
+            if reply.job_id is not None:
+                self._live[reply.job_id] = await show(reply.text)
+                self._shown_position[reply.job_id] = reply.position
+        return reply
+
+    async def __call__(self, job_id: int, event: str, text: str) -> None:
+        async with self._attaching:
+            status = self._live.get(job_id)
+        final = event in FINAL_EVENTS
+        try:
+            if status is None:
+                if final:
+                    await self._fall_back(job_id, text)
+                return
+            if final:
+                self._live.pop(job_id, None)
+                self._shown_position.pop(job_id, None)
+                await status.finish(text)
+            else:
+                self._shown_position[job_id] = None
+                await status.update(text)
+        finally:
+            if final or event == "started":
+                await self._renumber()
+
+    async def _fall_back(self, job_id: int, text: str) -> None:
+        job = await asyncio.to_thread(self.queue.get, job_id)
+        fallback = self._fallbacks.get(getattr(job, "platform", ""))
+        if fallback is not None:
+            await fallback(job, text)
+
+    async def _renumber(self) -> None:
+        for job_id, shown in list(self._shown_position.items()):
+            if shown is None:
+                continue
+            position = await asyncio.to_thread(self.queue.position, job_id)
+            status = self._live.get(job_id)
+            if status is None or position is None or position == shown:
+                continue
+            self._shown_position[job_id] = position
+            try:
+                await status.update(queued_text(position))
+            except Exception:
+                log.exception("could not update the status of job %s", job_id)
