@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from sqlalchemy.exc import IntegrityError
+from tqdm import tqdm
 
 from core.context import AppContext
 from core.errors import (
@@ -47,9 +48,9 @@ class MosaicOptions:
     # Two copies of the same photo are more than this many cells apart (rows and columns).
     spacing: int = 3
     # Mix of each rendered tile with the flat colour of its target cell (0 keeps the photo).
-    blend: float = 0.2
+    blend: float = 0.15
     # How far each tile's mean colour is moved onto its cell's mean colour (0 none, 1 fully).
-    shift: float = 0.6
+    shift: float = 0.8
     # How far the target's Lab distribution is mapped onto the library's before matching.
     adapt: float = 1.0
     # Softmax temperature in Lab distance units: candidates closer than this tie, broken at random.
@@ -179,7 +180,7 @@ def adapt_palette(cells: np.ndarray, library: np.ndarray, strength: float) -> np
 
 
 def nearest_candidates(
-    cells: np.ndarray, library: np.ndarray, k: int
+    cells: np.ndarray, library: np.ndarray, k: int, progress: Progress | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k library rows closest to each cell: (indices int64, mean squared Lab distance).
 
@@ -224,6 +225,8 @@ def nearest_candidates(
         values = np.take_along_axis(pool, top, axis=1)
         indices[start : start + rows] = np.take_along_axis(columns, top, axis=1)
         distances[start : start + rows] = values + cell_norms[start : start + rows, None]
+        if progress:
+            progress("matching", start + rows, count)
     np.maximum(distances, 0, out=distances)
     distances /= width
     return indices, distances
@@ -266,7 +269,7 @@ def place_tiles(
             f"The library has {n} photos, and at {max_uses} uses each they fill only "
             f"{max_uses * n} of {count} cells: allow more uses or use fewer columns."
         )
-    indices, distances = nearest_candidates(cells, library, options.candidates)
+    indices, distances = nearest_candidates(cells, library, options.candidates, progress)
     logits = attention_logits(distances, options.temperature)
     weights = np.exp(logits - logits.max(1, keepdims=True))
     weights /= weights.sum(1, keepdims=True)
@@ -407,6 +410,21 @@ class TileCache:
 _tile_cache = TileCache()
 
 
+def console_progress() -> Progress:
+    """A progress bar per stage on stderr, for the command line."""
+    bars: dict[str, tqdm] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="cell", leave=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
 @dataclass
 class LibraryArrays:
     car_ids: np.ndarray  # (N,) int64
@@ -475,8 +493,6 @@ def build_mosaic(
     colours = cell_colours(image, rows, options.cols)
     pixels = render_grid(tile_stack, slots, rows, options.cols, colours, options.shift,
                          options.blend)
-    if progress:
-        progress("rendering", 1, 1)
     render = Image.fromarray(pixels)
     render_key = ctx.media.put(encode_render(render, "JPEG"))
     preview_key = ctx.media.put(

@@ -27,7 +27,8 @@ def add_mosaic(session: Session, mosaic: Mosaic, tiles: list[dict]) -> Mosaic:
     x1, y1, score). The caller's transaction makes the pair atomic."""
     session.add(mosaic)
     session.flush()
-    session.execute(insert(Tile), [{**tile, "mosaic_id": mosaic.id} for tile in tiles])
+    # Core insert: an executemany without ORM bookkeeping, several times faster for 10k rows.
+    session.execute(insert(Tile.__table__), [{**tile, "mosaic_id": mosaic.id} for tile in tiles])
     return mosaic
 
 
