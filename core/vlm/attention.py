@@ -1,0 +1,450 @@
+"""PrFlashAttention: probabilistic block-sparse attention for any transformers decoder.
+
+Far-away key blocks are skipped with a probability that grows with their distance, so prefill
+costs about n log n instead of n^2. Register it, then switch a model with `use_prblock(model)`.
+
+How settings reach the attention function: `use_prblock` puts one `PrBlockState` (the config
+and the protected token spans) on every attention module of the language model, as the
+attribute `prblock`; transformers hands the module to the attention function on every call, so
+this works through `model.generate`. `protected_spans(model, spans)` swaps the spans for the
+length of a `with` block. A module without a state uses the config given to `register`.
+
+Blocks are counted over cache positions: query t of a call with q_len queries and kv_len keys
+sits at position kv_len - q_len + t (what a DynamicCache gives), key k at position k.
+"""
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cache, partial
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from core.vlm.config import PrBlockConfig
+
+log = logging.getLogger(__name__)
+
+Span = tuple[int, int]
+
+# splitmix64's finaliser constants, as signed int64 so torch can multiply (and wrap) with them.
+_MIX1 = 0xFF51AFD7ED558CCD - 2**64
+_MIX2 = 0xC4CEB9FE1A85EC53 - 2**64
+_STRIDES = (0x9E3779B97F4A7C15 - 2**64, 0x632BE59BD9B4E019, 0x2545F4914F6CDD1D)
+
+
+class NotPrBlockModel(ValueError):
+    """The model was not switched to PrFlashAttention with `use_prblock`."""
+
+
+@dataclass
+class PrBlockState:
+    """What one model's attention modules read on every call."""
+
+    config: PrBlockConfig
+    protected: list[Span] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# The block sampler
+
+
+def keep_probability(config: PrBlockConfig, distance: torch.Tensor) -> torch.Tensor:
+    """p(d) = min(1, alpha / (d - w + 1)^beta) outside the window, 1 inside it."""
+    beyond = (distance - config.window + 1).clamp(min=1).double()
+    p = (config.alpha / beyond**config.beta).clamp(max=1.0)
+    return torch.where(distance < config.window, 1.0, p)
+
+
+def protected_blocks(spans: Sequence[Span], block_size: int, n_blocks: int) -> torch.Tensor:
+    """Which key blocks hold a token of any half-open span [start, end)."""
+    hit = torch.zeros(n_blocks, dtype=torch.bool)
+    for start, end in spans:
+        if end > start:
+            hit[start // block_size : min(n_blocks, (end - 1) // block_size + 1)] = True
+    return hit
+
+
+def _layout(config: PrBlockConfig, q_len: int, kv_len: int, protected: Sequence[Span]):
+    """Block distance of every (query block, key block) pair, and which are always computed."""
+    size = config.block_size
+    first = (kv_len - q_len) // size
+    rows = torch.arange(first, (kv_len - 1) // size + 1)[:, None]
+    cols = torch.arange(math.ceil(kv_len / size))[None, :]
+    distance = rows - cols
+    always = (distance < config.window) | (cols < config.sinks)
+    always = always | protected_blocks(protected, size, cols.shape[1])[None, :]
+    return rows, cols, distance, (distance >= 0) & always
+
+
+def _uniform(seed: int, layer: int, heads: int, rows: torch.Tensor, cols: torch.Tensor):
+    """A uniform draw per (seed, layer, head, query block, key block): a counter-based hash.
+
+    Hashing the block coordinates (instead of drawing from a stream) gives a query block the
+    same key blocks whether it is computed in one prefill or token by token while decoding.
+    """
+    head = torch.arange(heads)[:, None, None]
+    x = torch.tensor(((seed * 1_000_003 + layer) * 0x9E3779B1) % 2**63, dtype=torch.int64)
+    x = x + head * _STRIDES[0] + rows * _STRIDES[1] + cols * _STRIDES[2]
+    for multiplier in (_MIX1, _MIX2):
+        x = (x ^ ((x >> 31) & (2**33 - 1))) * multiplier
+    x = x ^ ((x >> 31) & (2**33 - 1))
+    return ((x >> 40) & (2**24 - 1)).double() / 2**24
+
+
+def sample_blocks(
+    config: PrBlockConfig,
+    q_len: int,
+    kv_len: int,
+    *,
+    heads: int = 1,
+    layer: int = 0,
+    protected: Sequence[Span] = (),
+) -> torch.Tensor:
+    """Kept key blocks for each query block: bool (heads, query blocks, key blocks).
+
+    Row r is the query block holding cache position (kv_len - q_len) // block_size * block_size
+    + r * block_size; column c is key block c. Blocks above the diagonal are never kept.
+    """
+    rows, cols, distance, always = _layout(config, q_len, kv_len, protected)
+    draw = _uniform(config.seed, layer, heads, rows, cols)
+    sampled = (distance >= 0) & (draw < keep_probability(config, distance))
+    return always | sampled
+
+
+def logit_bias(
+    config: PrBlockConfig, keep: torch.Tensor, q_len: int, kv_len: int, protected=()
+) -> torch.Tensor:
+    """log(1/p) on sampled kept blocks, 0 elsewhere: the optional skipped-mass correction."""
+    _, _, distance, always = _layout(config, q_len, kv_len, protected)
+    bias = -torch.log(keep_probability(config, distance)).float()
+    return torch.where(keep & ~always, bias, 0.0)
+
+
+def expected_density(config: PrBlockConfig, n_tokens: int, protected: Sequence[Span] = ()):
+    """Expected share of the causal blocks computed in a prefill of n_tokens (1.0 = dense)."""
+    _, _, distance, always = _layout(config, n_tokens, n_tokens, protected)
+    p = torch.where(always, 1.0, keep_probability(config, distance))
+    return float(p[distance >= 0].mean())
+
+
+def realised_density(keep: torch.Tensor) -> float:
+    """Share of the causal blocks a sample keeps (rows are the last query blocks)."""
+    heads, n_rows, n_cols = keep.shape
+    first = n_cols - n_rows
+    causal = sum(first + r + 1 for r in range(n_rows))
+    return float(keep.sum()) / (heads * causal)
+
+
+def _causal_pairs(q_len: int, kv_len: int, block_size: int) -> int:
+    first = (kv_len - q_len) // block_size
+    n_rows = (kv_len - 1) // block_size + 1 - first
+    return sum(first + r + 1 for r in range(n_rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention over kept blocks. All take query (b, hq, q_len, d), key/value (b, hkv, kv_len, d),
+# keep (hkv, rows, cols) from `sample_blocks`, an optional bool mask (b, 1, q_len, kv_len) from
+# transformers (padding), and return (b, hq, q_len, d).
+
+
+def token_mask(keep: torch.Tensor, block_size: int, q_len: int, kv_len: int) -> torch.Tensor:
+    """The dense bool mask (heads, q_len, kv_len) that a block sample stands for, causal."""
+    q_pos = torch.arange(kv_len - q_len, kv_len)
+    k_pos = torch.arange(kv_len)
+    rows = q_pos // block_size - (kv_len - q_len) // block_size
+    mask = keep[:, rows][:, :, k_pos // block_size]
+    return mask & (q_pos[:, None] >= k_pos[None, :])
+
+
+def _token_bias(bias: torch.Tensor, block_size: int, q_len: int, kv_len: int) -> torch.Tensor:
+    q_pos = torch.arange(kv_len - q_len, kv_len)
+    rows = q_pos // block_size - (kv_len - q_len) // block_size
+    return bias[:, rows][:, :, torch.arange(kv_len) // block_size]
+
+
+def reference_attention(
+    query, key, value, keep, block_size: int, attention_mask=None, scale=None, bias=None
+) -> torch.Tensor:
+    """The correctness oracle: a FlashAttention-style loop with an online softmax per block."""
+    batch, q_heads, q_len, _ = query.shape
+    kv_len, group = key.shape[2], q_heads // key.shape[1]
+    keep = keep.repeat_interleave(group, 0)
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    bias = None if bias is None else bias.repeat_interleave(group, 0)
+    scale = scale if scale is not None else query.shape[-1] ** -0.5
+    offset = kv_len - q_len
+    first = offset // block_size
+    out = query.new_zeros(batch, q_heads, q_len, value.shape[-1])
+    for row in range(keep.shape[1]):
+        qs = slice(
+            max(0, (first + row) * block_size - offset), (first + row + 1) * block_size - offset
+        )
+        q = query[:, :, qs] * scale
+        q_pos = torch.arange(offset, kv_len)[qs]
+        best = q.new_full(q.shape[:-1], -math.inf)
+        total = q.new_zeros(q.shape[:-1])
+        acc = q.new_zeros(*q.shape[:-1], value.shape[-1])
+        for col in range(keep.shape[2]):
+            heads_kept = keep[:, row, col]
+            if not heads_kept.any():
+                continue
+            ks = slice(col * block_size, (col + 1) * block_size)
+            scores = q @ key[:, :, ks].transpose(-1, -2)
+            if bias is not None:
+                scores = scores + bias[:, row, col][None, :, None, None]
+            k_pos = torch.arange(kv_len)[ks]
+            allowed = heads_kept[None, :, None, None] & (q_pos[:, None] >= k_pos[None, :])
+            if attention_mask is not None:
+                allowed = allowed & attention_mask[:, :, qs, ks]
+            scores = scores.masked_fill(~allowed, -math.inf)
+            new_best = torch.maximum(best, scores.amax(-1))
+            shift = torch.where(new_best.isinf(), 0.0, new_best)
+            weights = torch.exp(scores - shift[..., None])
+            rescale = torch.exp(best - shift)
+            total = total * rescale + weights.sum(-1)
+            acc = acc * rescale[..., None] + weights @ value[:, :, ks]
+            best = new_best
+        out[:, :, qs] = torch.where(
+            total[..., None] > 0, acc / total.clamp(min=1e-30)[..., None], 0
+        )
+    return out
+
+
+def masked_sdpa(
+    query, key, value, keep, block_size: int, attention_mask=None, scale=None, bias=None
+) -> torch.Tensor:
+    """SDPA under the dense mask a sample stands for: correct for any shape, but no faster."""
+    q_len, kv_len, group = query.shape[2], key.shape[2], query.shape[1] // key.shape[1]
+    mask = token_mask(keep, block_size, q_len, kv_len).repeat_interleave(group, 0)[None]
+    if attention_mask is not None:
+        mask = mask & attention_mask
+    if bias is not None:
+        bias = _token_bias(bias, block_size, q_len, kv_len).repeat_interleave(group, 0)
+        mask = torch.where(mask, bias.to(query.dtype), -math.inf)
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scale, enable_gqa=group > 1
+    )
+
+
+def gather_attention(
+    query, key, value, keep, block_size: int, attention_mask=None, scale=None, bias=None
+) -> torch.Tensor:
+    """Decode (one query token): gather only the kept key blocks of each kv head, then SDPA."""
+    batch, q_heads, _, _ = query.shape
+    kv_heads, kv_len, dim = key.shape[1], key.shape[2], key.shape[3]
+    n_blocks = keep.shape[-1]
+    pad = n_blocks * block_size - kv_len
+    row = keep[:, -1]
+    count = row.sum(-1)
+    width = int(count.max())
+    chosen = torch.argsort(row.int(), dim=-1, descending=True, stable=True)[:, :width]
+    positions = chosen[..., None] * block_size + torch.arange(block_size)
+    allowed = (torch.arange(width)[None, :, None] < count[:, None, None]) & (positions < kv_len)
+    allowed = allowed.flatten(1)[None].expand(batch, -1, -1)
+    positions = positions.flatten(1).clamp(max=kv_len - 1)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, 0, -1][:, positions]
+    heads = torch.arange(kv_heads)[:, None]
+    k = F.pad(key, (0, 0, 0, pad)).view(batch, kv_heads, n_blocks, block_size, dim)
+    v = F.pad(value, (0, 0, 0, pad)).view(batch, kv_heads, n_blocks, block_size, -1)
+    k = k[:, heads, chosen].flatten(2, 3)
+    v = v[:, heads, chosen].flatten(2, 3)
+    mask = allowed[:, :, None, :]
+    if bias is not None:
+        token_bias = bias[:, -1].gather(1, chosen).repeat_interleave(block_size, 1)
+        mask = torch.where(mask, token_bias[None, :, None, :].to(query.dtype), -math.inf)
+    q = query.reshape(batch, kv_heads, q_heads // kv_heads, query.shape[-1])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(batch, q_heads, 1, out.shape[-1])
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def _block_indices(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    counts = blocks.sum(-1, dtype=torch.int32)
+    order = torch.argsort(blocks.int(), dim=-1, descending=True, stable=True).int()
+    return counts[None], order[None]
+
+
+@cache
+def _compiled_flex():
+    # One compile per padded length; the compiled function is shared by every layer and model.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_block_attention(
+    query, key, value, keep, block_size: int, attention_mask=None, scale=None, bias=None
+) -> torch.Tensor:
+    """Prefill (q_len == kv_len): compiled FlexAttention that never touches skipped blocks."""
+    n, group = query.shape[2], query.shape[1] // key.shape[1]
+    n_blocks = keep.shape[-1]
+    pad = n_blocks * block_size - n
+    query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
+    # Never a block above the diagonal, whatever the caller passed: causality first.
+    keep = (
+        keep.repeat_interleave(group, 0) & torch.ones(n_blocks, n_blocks, dtype=torch.bool).tril()
+    )
+    if attention_mask is None:
+        # Only the diagonal block needs the causal test; the others are computed whole.
+        diagonal = torch.eye(n_blocks, dtype=torch.bool)
+        partial_blocks, full_blocks, mask_mod = keep & diagonal, keep & ~diagonal, _causal
+    else:
+        padded = F.pad(attention_mask, (0, pad, 0, pad))
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return padded[b, 0, q_idx, kv_idx]
+
+        partial_blocks, full_blocks = keep, torch.zeros_like(keep)
+    block_mask = BlockMask.from_kv_blocks(
+        *_block_indices(partial_blocks),
+        *_block_indices(full_blocks),
+        BLOCK_SIZE=block_size,
+        mask_mod=mask_mod,
+        seq_lengths=(n + pad, n + pad),
+    )
+    score_mod = None
+    if bias is not None:
+        head_bias = bias.repeat_interleave(group, 0).to(query.dtype)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + head_bias[h, q_idx // block_size, kv_idx // block_size]
+
+    out = _compiled_flex()(
+        query,
+        key,
+        value,
+        score_mod=score_mod,
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=group > 1,
+    )
+    return out[:, :, :n]
+
+
+_flex_failure: list[str] = []
+
+
+def _prefill(query, key, value, keep, block_size, attention_mask, scale, bias):
+    if not _flex_failure:
+        try:
+            return flex_block_attention(
+                query, key, value, keep, block_size, attention_mask, scale, bias
+            )
+        except Exception as error:  # compile needs a C compiler (CPU) or triton (GPU)
+            _flex_failure.append(repr(error))
+            log.warning("prblock: compiled FlexAttention unavailable, using masked SDPA: %r", error)
+    return masked_sdpa(query, key, value, keep, block_size, attention_mask, scale, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers glue
+
+
+def prblock_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    *,
+    default_state: PrBlockState,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The function transformers calls in place of SDPA; returns (b, q_len, heads, d)."""
+    state = getattr(module, "prblock", None) or default_state
+    config = state.config
+    q_len, kv_len = query.shape[2], key.shape[2]
+    layer = getattr(module, "layer_idx", 0) or 0
+    keep = sample_blocks(
+        config, q_len, kv_len, heads=key.shape[1], layer=layer, protected=state.protected
+    )
+    bias = None
+    if config.log_p_correction:
+        bias = logit_bias(config, keep, q_len, kv_len, state.protected)
+    elif int(keep.sum()) == key.shape[1] * _causal_pairs(q_len, kv_len, config.block_size):
+        # Nothing to skip (short prompts): SDPA computes exactly the same thing, fastest.
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, **kwargs
+        )
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask == 0
+    args = (query, key, value, keep, config.block_size, attention_mask, scaling, bias)
+    if q_len == 1:
+        out = gather_attention(*args)
+    elif q_len == kv_len:
+        out = _prefill(*args)
+    else:
+        out = masked_sdpa(*args)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register(config: PrBlockConfig | None = None, name: str = "prblock") -> str:
+    """Make `name` usable as `attn_implementation`; `config` is the default. Idempotent."""
+    if "flash" in name:
+        raise ValueError("transformers refuses attention names containing 'flash'.")
+    function = partial(prblock_attention, default_state=PrBlockState(config or PrBlockConfig()))
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+def _language_attention(model: torch.nn.Module) -> list[torch.nn.Module]:
+    text_config = model.config.get_text_config()
+    return [
+        module
+        for module in model.modules()
+        if type(module).__name__.endswith("Attention")
+        and getattr(module, "config", None) is text_config
+    ]
+
+
+def use_prblock(
+    model: torch.nn.Module, config: PrBlockConfig | None = None, name: str = "prblock"
+) -> None:
+    """Switch the language model of a decoder or VLM to PrFlashAttention; vision stays as is."""
+    register(config, name)
+    state = PrBlockState(config or PrBlockConfig())
+    for module in _language_attention(model):
+        module.prblock = state
+    text_config = model.config.get_text_config()
+    if text_config is model.config:
+        model.set_attn_implementation(name)
+    else:
+        keys = [
+            key for key in model.config.sub_configs if getattr(model.config, key) is text_config
+        ]
+        model.set_attn_implementation(dict.fromkeys(keys, name))
+
+
+@contextmanager
+def protected_spans(model: torch.nn.Module, spans: Sequence[Span]) -> Iterator[None]:
+    """Within the block, the token ranges [start, end) (e.g. image tokens) are always attended."""
+    states = {id(m.prblock): m.prblock for m in _language_attention(model) if hasattr(m, "prblock")}
+    if not states:
+        raise NotPrBlockModel("call use_prblock(model) before protected_spans(model, ...).")
+    saved = {key: state.protected for key, state in states.items()}
+    for state in states.values():
+        state.protected = list(spans)
+    try:
+        yield
+    finally:
+        for key, state in states.items():
+            state.protected = saved[key]
+
+
+def token_spans(input_ids: torch.Tensor, token_id: int) -> list[Span]:
+    """Runs of `token_id` (e.g. a VLM's image placeholder) in any row, as [start, end) spans."""
+    hit = (input_ids == token_id).any(0).int()
+    edges = torch.diff(F.pad(hit, (1, 1))).nonzero().flatten().tolist()
+    return list(zip(edges[::2], edges[1::2], strict=True))
