@@ -36,3 +36,15 @@ class SAQConfig:
     group_size: int = 32
     sinks: int = 4
     protect_image_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        # A bit width above 8 keeps that stair unquantized, in the model's dtype.
+        if not self.bits or any(b not in (2, 4, 8) and b <= 8 for b in self.bits):
+            raise ValueError(f"staircase bits must be 2, 4, 8 or 16 (unquantized), not {self.bits}")
+        if self.group_size < 1 or self.residual < 1 or self.residual % self.group_size:
+            raise ValueError(
+                f"residual ({self.residual}) must be a positive multiple of group_size "
+                f"({self.group_size}): each stair is quantized in whole groups of tokens"
+            )
+        if self.sinks < 0:
+            raise ValueError(f"sinks must be 0 or more, not {self.sinks}")

@@ -1,0 +1,300 @@
+"""SAQ: a transformers KV cache that keeps fewer bits for older tokens (staircase quantization).
+
+The newest tokens stay exact in a residual buffer; each time it holds S tokens they become the
+first stair at the highest quantized precision and every stair steps one tier down (8 -> 4 -> 2).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from core.vlm.config import SAQConfig
+from core.vlm.quant import QuantizedGroups, cat_groups, dequantize_groups, quantize_groups
+
+TOKEN_DIM = 2  # keys and values are [batch, heads, tokens, head_dim]
+
+Stored = torch.Tensor | QuantizedGroups
+
+
+@dataclass
+class Stair:
+    """Keys and values of consecutive unprotected tokens, at one bit width (above 8: exact)."""
+
+    keys: Stored
+    values: Stored
+    bits: int
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[TOKEN_DIM]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for s in (self.keys, self.values) for t in _tensors(s)]
+
+
+class StaircaseLayer(DynamicLayer):
+    """One attention layer's cache: exact protected tokens, quantized stairs, an exact residual.
+
+    Protected tokens (the first `sinks` and any `protected_spans`, in absolute positions) are kept
+    exact and out of the quantization groups, so an outlier such as BOS does not widen a group.
+    """
+
+    is_croppable = False
+
+    def __init__(self, saq: SAQConfig, protected_spans: list[tuple[int, int]] | None = None):
+        super().__init__()
+        self.saq = saq
+        self.protected_spans = list(protected_spans or [])
+        self.seen = 0
+        self.stairs: list[Stair | None] = [None] * len(saq.bits)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        empty_keys = key_states[..., :0, :].clone()
+        empty_values = value_states[..., :0, :].clone()
+        self.exact_keys, self.exact_values = empty_keys, empty_values
+        self.exact_positions: list[int] = []
+        self.residual_keys, self.residual_values = empty_keys.clone(), empty_values.clone()
+        # Values are grouped along channels: the largest divisor of head_dim not above G.
+        self.value_group = math.gcd(self.saq.group_size, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        positions = torch.arange(self.seen, self.seen + key_states.shape[TOKEN_DIM])
+        is_protected = self._is_protected(positions)
+        if is_protected.any():
+            self.exact_positions += positions[is_protected].tolist()
+            mask = is_protected.to(key_states.device)
+            self.exact_keys = torch.cat([self.exact_keys, key_states[:, :, mask]], TOKEN_DIM)
+            self.exact_values = torch.cat([self.exact_values, value_states[:, :, mask]], TOKEN_DIM)
+            key_states, value_states = key_states[:, :, ~mask], value_states[:, :, ~mask]
+        self.residual_keys = torch.cat([self.residual_keys, key_states], TOKEN_DIM)
+        self.residual_values = torch.cat([self.residual_values, value_states], TOKEN_DIM)
+        self.seen += len(positions)
+        # Attention sees this step's tokens exactly; quantization happens after, for later steps.
+        keys, values = self._assemble()
+        self._flush()
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def stair_lengths(self) -> list[int]:
+        return [0 if stair is None else stair.length for stair in self.stairs]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this layer holds."""
+        if not self.is_initialized:
+            return []
+        held = [self.exact_keys, self.exact_values, self.residual_keys, self.residual_values]
+        return held + [t for stair in self.stairs if stair is not None for t in stair.tensors()]
+
+    def nbytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in self.tensors())
+
+    def elements(self) -> int:
+        """How many key and value numbers this layer stands for."""
+        if not self.is_initialized:
+            return 0
+        batch, heads, _, head_dim = self.exact_keys.shape
+        return batch * heads * self.seen * (head_dim + self.exact_values.shape[-1])
+
+    def reset(self) -> None:
+        self.seen = 0
+        self.stairs = [None] * len(self.saq.bits)
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise NotImplementedError("a staircase cache cannot drop tokens once quantized")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device)])
+
+    def _is_protected(self, positions: torch.Tensor) -> torch.Tensor:
+        protected = positions < self.saq.sinks
+        for start, end in self.protected_spans:
+            protected |= (positions >= start) & (positions < end)
+        return protected
+
+    def _assemble(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All keys and values so far, exact or dequantized, in position order."""
+        stream = [s for s in reversed(self.stairs) if s is not None]  # oldest stair first
+        keys = [self.exact_keys, *(self._expand(s.keys) for s in stream), self.residual_keys]
+        values = [
+            self.exact_values,
+            *(self._expand(s.values) for s in stream),
+            self.residual_values,
+        ]
+        keys, values = torch.cat(keys, TOKEN_DIM), torch.cat(values, TOKEN_DIM)
+        n_exact = len(self.exact_positions)
+        if n_exact == 0 or self.exact_positions[-1] == n_exact - 1:
+            return keys, values  # protected tokens are a prefix: already in position order
+        is_streamed = torch.ones(self.seen, dtype=torch.bool)
+        is_streamed[self.exact_positions] = False
+        order = torch.cat([torch.tensor(self.exact_positions), is_streamed.nonzero().squeeze(1)])
+        order = order.to(keys.device)
+        return (
+            torch.empty_like(keys).index_copy_(TOKEN_DIM, order, keys),
+            torch.empty_like(values).index_copy_(TOKEN_DIM, order, values),
+        )
+
+    def _flush(self) -> None:
+        """Move every whole S tokens of the residual onto the staircase, in one step.
+
+        Pushing k chunks at once gives the layout k single pushes would, but quantizes each new
+        chunk straight to the bits of the stair it lands on.
+        """
+        size, bits = self.saq.residual, self.saq.bits
+        k = self.residual_keys.shape[TOKEN_DIM] // size
+        if k == 0:
+            return
+        fresh_keys = self.residual_keys[:, :, : k * size]
+        fresh_values = self.residual_values[:, :, : k * size]
+        self.residual_keys = self.residual_keys[:, :, k * size :].clone()
+        self.residual_values = self.residual_values[:, :, k * size :].clone()
+
+        def fresh(first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+            span = slice(first * size, last * size)  # chunks [first, last), oldest is chunk 0
+            return fresh_keys[:, :, span], fresh_values[:, :, span]
+
+        bounded = len(bits) - 1
+        old = self.stairs
+        new: list[Stair | None] = [None] * len(bits)
+        for i in range(bounded):
+            if i < k:
+                new[i] = self._squeeze(*fresh(k - 1 - i, k - i), bits[i])
+            elif old[i - k] is not None:
+                new[i] = self._requantize(old[i - k], bits[i])
+        # Everything older than the bounded stairs joins the last one, oldest first.
+        spill = [old[-1]] + [
+            self._requantize(old[j], bits[-1])
+            for j in reversed(range(max(0, bounded - k), bounded))
+            if old[j] is not None
+        ]
+        if k > bounded:
+            spill.append(self._squeeze(*fresh(0, k - bounded), bits[-1]))
+        new[-1] = _cat_stairs([s for s in spill if s is not None])
+        self.stairs = new
+
+    def _squeeze(self, keys: torch.Tensor, values: torch.Tensor, bits: int) -> Stair:
+        if bits > 8:
+            return Stair(keys.clone(), values.clone(), bits)
+        # Keys per channel over G tokens and values per token over G channels, as KIVI does.
+        return Stair(
+            quantize_groups(keys, bits, self.saq.group_size, dim=TOKEN_DIM),
+            quantize_groups(values, bits, self.value_group, dim=-1),
+            bits,
+        )
+
+    def _requantize(self, stair: Stair, bits: int) -> Stair:
+        if stair.bits == bits:
+            return stair
+        return self._squeeze(self._expand(stair.keys), self._expand(stair.values), bits)
+
+    def _expand(self, stored: Stored) -> torch.Tensor:
+        if isinstance(stored, QuantizedGroups):
+            return dequantize_groups(stored, self.dtype)
+        return stored
+
+    def _map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.exact_keys, self.exact_values = fn(self.exact_keys), fn(self.exact_values)
+        self.residual_keys, self.residual_values = fn(self.residual_keys), fn(self.residual_values)
+        self.stairs = [
+            None if s is None else Stair(_map_stored(s.keys, fn), _map_stored(s.values, fn), s.bits)
+            for s in self.stairs
+        ]
+
+
+class StaircaseCache(Cache):
+    """A transformers `Cache` whose full-attention layers are `StaircaseLayer`s.
+
+    `config` is a model config; a VLM's text config is used. Sliding-window and other special
+    layers keep the layer `DynamicCache` would give them.
+    """
+
+    def __init__(
+        self,
+        config,
+        saq: SAQConfig | None = None,
+        protected_spans: list[tuple[int, int]] | None = None,
+    ):
+        saq = saq or SAQConfig()
+        text_config = config.get_text_config(decoder=True)
+        layers = [
+            StaircaseLayer(saq, protected_spans) if type(layer) is DynamicLayer else layer
+            for layer in DynamicCache(config=text_config).layers
+        ]
+        super().__init__(layers=layers)
+        self.saq = saq
+
+    def nbytes(self) -> int:
+        """Bytes of every key and value tensor the cache holds, quantization metadata included."""
+        return sum(_layer_nbytes(layer) for layer in self.layers)
+
+    def bits_per_element(self) -> float:
+        """Stored bits per cached key or value number, over all layers."""
+        elements = sum(_layer_elements(layer) for layer in self.layers)
+        return 8 * self.nbytes() / elements if elements else 0.0
+
+
+def image_token_spans(input_ids: torch.Tensor, image_token_id: int) -> list[tuple[int, int]]:
+    """[start, end) positions of each run of image placeholder tokens in the first prompt row."""
+    is_image = torch.nn.functional.pad((input_ids[0].cpu() == image_token_id).int(), (1, 1))
+    edges = is_image.diff().nonzero().squeeze(1).tolist()
+    return list(zip(edges[::2], edges[1::2], strict=True))
+
+
+def _cat_stairs(stairs: list[Stair]) -> Stair | None:
+    if not stairs:
+        return None
+    if len(stairs) == 1:
+        return stairs[0]
+    if isinstance(stairs[0].keys, QuantizedGroups):
+        keys = cat_groups([s.keys for s in stairs], TOKEN_DIM)
+        values = cat_groups([s.values for s in stairs], TOKEN_DIM)
+    else:
+        keys = torch.cat([s.keys for s in stairs], TOKEN_DIM)
+        values = torch.cat([s.values for s in stairs], TOKEN_DIM)
+    return Stair(keys, values, stairs[0].bits)
+
+
+def _tensors(stored: Stored) -> list[torch.Tensor]:
+    if isinstance(stored, QuantizedGroups):
+        return [stored.packed, stored.scale, stored.low]
+    return [stored]
+
+
+def _map_stored(stored: Stored, fn) -> Stored:
+    if not isinstance(stored, QuantizedGroups):
+        return fn(stored)
+    packed = fn(stored.packed)
+    shape = (packed.shape[0], *stored.shape[1:])
+    return QuantizedGroups(packed, fn(stored.scale), fn(stored.low), stored.bits, stored.dim, shape)
+
+
+def _layer_nbytes(layer) -> int:
+    if isinstance(layer, StaircaseLayer):
+        return layer.nbytes()
+    held = [t for t in (layer.keys, layer.values) if t is not None]
+    return sum(t.untyped_storage().nbytes() for t in held)
+
+
+def _layer_elements(layer) -> int:
+    if isinstance(layer, StaircaseLayer):
+        return layer.elements()
+    return sum(t.numel() for t in (layer.keys, layer.values) if t is not None)
