@@ -129,7 +129,7 @@ class Commands:
         except UserError as error:
             return error_reply(error)
 
-    async def list(self, scope: str) -> Reply:
+    async def mosaics(self, scope: str) -> Reply:
         mosaics = await asyncio.to_thread(self._visible, scope)
         if not mosaics:
             return Reply("No mosaics yet: build one with /mosaic build.", ephemeral=True)

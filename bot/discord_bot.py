@@ -225,7 +225,7 @@ class MosaicGroup(app_commands.Group):
     @app_commands.command(name="list", description="List the mosaics of this server.")
     async def list_(self, interaction: discord.Interaction) -> None:
         await interaction.response.defer(thinking=True)
-        await send_followup(interaction, await self.bot.commands.list(_scope(interaction)))
+        await send_followup(interaction, await self.bot.commands.mosaics(_scope(interaction)))
 
     @app_commands.command(description="The car photo behind one tile of a mosaic.")
     @app_commands.describe(name="The mosaic's name", coordinate="A tile such as C7, or row,col")

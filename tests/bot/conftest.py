@@ -1,0 +1,84 @@
+"""A real car library (the shared vehicle photos), a built mosaic, the command layer, and a job
+queue whose worker answers with a fast fake function (the real pipeline is tested elsewhere).
+"""
+
+import asyncio
+import io
+
+import pytest
+from PIL import Image, ImageDraw
+
+from bot.commands import Commands, Cooldowns, JobUpdates
+from core.library import add_car_photo
+from core.mosaic import MosaicOptions, build_mosaic
+from core.worker import JobQueue, Worker
+from storage import mosaics as mosaic_rows
+from storage.models import Mosaic
+
+MOSAIC_NAME = "fox"
+
+
+def png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def fox_image(size: int = 120) -> bytes:
+    """An orange 'fox' head on green: enough shape for a 10 x 10 grid."""
+    image = Image.new("RGB", (size, size), (40, 110, 60))
+    draw = ImageDraw.Draw(image)
+    draw.polygon([(20, 30), (60, 100), (100, 30), (60, 50)], fill=(220, 120, 30))
+    draw.ellipse((50, 70, 70, 90), fill=(30, 30, 30))
+    return png(image)
+
+
+def car_at(ctx, mosaic: Mosaic, row: int, col: int) -> bytes:
+    """The original photo bytes of the car behind (row, col)."""
+    with ctx.db.session() as session:
+        _tile, car = mosaic_rows.tile_at(session, mosaic.id, row, col)
+    return ctx.media.read(car.media_key)
+
+
+@pytest.fixture
+def car_library(ctx, vehicle_photos) -> int:
+    chosen = vehicle_photos[::25]
+    for path in chosen:
+        add_car_photo(ctx, path.read_bytes(), path.name, {"source": "Zenodo 6634554"})
+    return len(chosen)
+
+
+@pytest.fixture
+def mosaic(ctx, car_library) -> Mosaic:
+    # Built from the CLI scope, so every chat sees it.
+    return build_mosaic(ctx, fox_image(), MOSAIC_NAME, options=MosaicOptions(cols=10, tile_px=16))
+
+
+def fake_answer(job) -> object:
+    from core.qa.pipeline import Answer
+
+    return Answer(text=f"Fake answer to: {job.question}", sources=[], timings={}, evidence=None)
+
+
+@pytest.fixture
+def queue(ctx) -> JobQueue:
+    return JobQueue(ctx, max_pending=100, per_user=50)
+
+
+@pytest.fixture
+def updates(queue) -> JobUpdates:
+    return JobUpdates(queue)
+
+
+@pytest.fixture
+def commands(ctx, queue) -> Commands:
+    return Commands(ctx, queue, Cooldowns(0))
+
+
+@pytest.fixture
+async def worker(ctx, updates):
+    worker = Worker(ctx, fake_answer, on_update=updates)
+    task = asyncio.create_task(worker.run_forever())
+    yield worker
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,209 @@
+"""A local stand-in for the Discord REST API (aiohttp on 127.0.0.1) that records every call,
+plus builders for the raw gateway payloads (INTERACTION_CREATE, MESSAGE_CREATE) fed to a client.
+"""
+
+import asyncio
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from aiohttp import web
+from discord.utils import time_snowflake
+
+APP_ID = 900000000000000001
+BOT_ID = 900000000000000002
+GUILD_ID = 900000000000000003
+CHANNEL_ID = 900000000000000004
+USER_ID = 900000000000000005
+EPHEMERAL = 1 << 6
+DEFER_WITH_THINKING = 5
+
+_sequence = itertools.count()
+
+
+def snowflake() -> str:
+    """A fresh id from now: discord.py dates an interaction, and its 15-minute token, by its id."""
+    return str(time_snowflake(datetime.now(UTC)) + next(_sequence) % 4096)
+
+
+def user_payload(user_id: int = USER_ID, name: str = "alice", bot: bool = False) -> dict:
+    return {"id": str(user_id), "username": name, "discriminator": "0", "global_name": name,
+            "avatar": None, "bot": bot}
+
+
+def attachment_payload(base_url: str, name: str, data_size: int, content_type: str) -> dict:
+    attachment_id = snowflake()
+    return {"id": attachment_id, "filename": name, "size": data_size,
+            "url": f"{base_url}/cdn/{name}", "proxy_url": f"{base_url}/cdn/{name}",
+            "content_type": content_type, "width": 100, "height": 100}
+
+
+def message_payload(
+    content: str = "",
+    *,
+    message_id: str | None = None,
+    author: dict | None = None,
+    attachments: list[dict] | None = None,
+    mentions: list[dict] | None = None,
+    reference: str | None = None,
+    flags: int = 0,
+) -> dict:
+    payload = {
+        "id": message_id or snowflake(), "channel_id": str(CHANNEL_ID), "guild_id": str(GUILD_ID),
+        "author": author or user_payload(), "content": content,
+        "timestamp": "2026-11-21T12:00:00.000000+00:00", "edited_timestamp": None, "tts": False,
+        "mention_everyone": False, "mentions": mentions or [], "mention_roles": [],
+        "attachments": attachments or [], "embeds": [], "pinned": False, "type": 0,
+        "flags": flags,
+    }
+    if reference:
+        payload["message_reference"] = {"message_id": reference, "channel_id": str(CHANNEL_ID),
+                                         "guild_id": str(GUILD_ID)}
+        payload["type"] = 19
+    return payload
+
+
+def interaction_payload(data: dict, *, limit: int = 10 * 1024 * 1024) -> dict:
+    """An application-command INTERACTION_CREATE in a guild text channel."""
+    return {
+        "id": snowflake(), "application_id": str(APP_ID), "type": 2, "data": data,
+        "guild_id": str(GUILD_ID), "channel_id": str(CHANNEL_ID),
+        "channel": {"id": str(CHANNEL_ID), "type": 0, "guild_id": str(GUILD_ID),
+                    "name": "mosaics", "position": 0, "permission_overwrites": [],
+                    "nsfw": False, "parent_id": None},
+        "member": {"user": user_payload(), "roles": [], "joined_at": "2026-01-01T00:00:00+00:00",
+                   "deaf": False, "mute": False, "permissions": "2147483647", "flags": 0},
+        "token": f"interaction-token-{snowflake()}", "version": 1, "locale": "en-US",
+        "guild_locale": "en-US", "app_permissions": "2147483647", "entitlements": [],
+        "authorizing_integration_owners": {"0": str(GUILD_ID)}, "context": 0,
+        "attachment_size_limit": limit,
+    }
+
+
+def slash(group: str | None, name: str, options: list[dict], resolved: dict | None = None) -> dict:
+    if group:
+        options = [{"name": name, "type": 1, "options": options}]
+        name = group
+    data = {"id": snowflake(), "name": name, "type": 1, "options": options,
+            "guild_id": str(GUILD_ID)}
+    if resolved:
+        data["resolved"] = resolved
+    return data
+
+
+@dataclass
+class Call:
+    method: str
+    path: str
+    query: dict
+    payload: dict | None
+    files: list[tuple[str, bytes]]
+    at: float = field(default_factory=time.perf_counter)
+    response: dict | None = None  # the message the stand-in answered with, if any
+
+    @property
+    def flags(self) -> int:
+        return int((self.payload or {}).get("flags") or 0)
+
+    @property
+    def content(self) -> str:
+        return (self.payload or {}).get("content") or ""
+
+
+class DiscordStandIn:
+    """Answers what discord.py calls and keeps the calls in `calls`, in arrival order."""
+
+    def __init__(self):
+        self.calls: list[Call] = []
+        self.cdn: dict[str, tuple[bytes, str]] = {}
+        self.base_url = ""
+        self._changed = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> "DiscordStandIn":
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/cdn/{name}", self._cdn)
+        app.router.add_route("*", "/api/v10/{tail:.*}", self._api)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        return self
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    def serve_file(self, name: str, data: bytes, content_type: str) -> None:
+        self.cdn[name] = (data, content_type)
+
+    def api(self, method: str, fragment: str = "") -> list[Call]:
+        return [c for c in self.calls if c.method == method and fragment in c.path]
+
+    async def wait_for(self, condition, timeout: float = 30.0):
+        """Wait until condition(calls) is truthy; return its value."""
+        async with asyncio.timeout(timeout):
+            while not (result := condition(self.calls)):
+                self._changed.clear()
+                await self._changed.wait()
+        return result
+
+    async def _cdn(self, request: web.Request) -> web.Response:
+        self._record(Call("GET", request.path, dict(request.query), None, []))
+        data, content_type = self.cdn[request.match_info["name"]]
+        return web.Response(body=data, content_type=content_type)
+
+    async def _api(self, request: web.Request) -> web.Response:
+        payload, files = None, []
+        if request.content_type == "multipart/form-data":
+            reader = await request.multipart()
+            async for part in reader:
+                if part.name == "payload_json":
+                    payload = json.loads(await part.text())
+                else:
+                    files.append((part.filename, bytes(await part.read())))
+        elif request.can_read_body:
+            payload = await request.json()
+        path = "/" + request.match_info["tail"]
+        call = Call(request.method, path, dict(request.query), payload, files)
+        response = self._answer(request.method, path, payload or {}, files)
+        if isinstance(response, dict):
+            call.response = response
+        self._record(call)
+        if isinstance(response, web.Response):
+            return response
+        # discord.py parses JSON only when the content type is exactly application/json.
+        return web.Response(body=json.dumps(response).encode(),
+                            headers={"Content-Type": "application/json"})
+
+    def _record(self, call: Call) -> None:
+        self.calls.append(call)
+        self._changed.set()
+
+    def _answer(self, method: str, path: str, payload: dict, files: list):
+        if path == "/users/@me":
+            return user_payload(BOT_ID, "talkmosaic", bot=True)
+        if path == "/oauth2/applications/@me":
+            return {
+                "id": str(APP_ID), "name": "TalkMosaic", "description": "", "icon": None,
+                "bot_public": True, "bot_require_code_grant": False, "verify_key": "00",
+                "owner": user_payload(), "flags": 0,
+            }
+        if path.endswith("/commands"):
+            return []
+        if path.endswith("/callback"):
+            return {"interaction": {"id": path.split("/")[2], "type": 2}}
+        if method == "DELETE":
+            return web.Response(status=204)
+        attachments = [
+            {"id": snowflake(), "filename": name, "size": len(data), "url": f"{self.base_url}/x",
+             "proxy_url": f"{self.base_url}/x"} for name, data in files
+        ]
+        message = message_payload(
+            payload.get("content") or "", author=user_payload(BOT_ID, "talkmosaic", bot=True),
+            attachments=attachments, flags=int(payload.get("flags") or 0),
+        )
+        message["webhook_id"] = str(APP_ID) if path.startswith("/webhooks") else None
+        return message

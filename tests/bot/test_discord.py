@@ -1,0 +1,287 @@
+"""The Discord adapter, driven as Discord drives it: raw INTERACTION_CREATE and MESSAGE_CREATE
+payloads fed to a real discord.py client whose REST calls go to a local stand-in that records
+them (interaction callbacks, follow-ups with multipart files, message edits).
+"""
+
+import asyncio
+import time
+
+import discord
+import pytest
+
+from bot.discord_bot import TalkMosaicBot
+from core.mosaic import preview_image
+from storage.messages import mosaic_for_message
+from tests.bot.conftest import MOSAIC_NAME, car_at, fox_image
+from tests.bot.discord_stand_in import (
+    APP_ID,
+    BOT_ID,
+    CHANNEL_ID,
+    DEFER_WITH_THINKING,
+    EPHEMERAL,
+    DiscordStandIn,
+    attachment_payload,
+    interaction_payload,
+    message_payload,
+    slash,
+    snowflake,
+    user_payload,
+)
+
+CAR_JPEG = "car.jpg"
+
+
+@pytest.fixture
+async def stand_in(monkeypatch):
+    server = await DiscordStandIn().start()
+    monkeypatch.setattr(discord.http.Route, "BASE", f"{server.base_url}/api/v10")
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def bot(stand_in, commands, updates):
+    client = TalkMosaicBot(commands, updates, guild_id=None)
+    await client.login("test-token")
+    yield client
+    await client.close()
+
+
+def dispatch_interaction(bot: TalkMosaicBot, data: dict, **kwargs) -> tuple[str, float]:
+    payload = interaction_payload(data, **kwargs)
+    dispatched = time.perf_counter()
+    bot._connection.parse_interaction_create(payload)
+    return payload["token"], dispatched
+
+
+def webhook_calls(stand_in: DiscordStandIn, token: str) -> list:
+    return [c for c in stand_in.calls if token in c.path]
+
+
+def followups(stand_in: DiscordStandIn, token: str) -> list:
+    return [c for c in webhook_calls(stand_in, token)
+            if c.method == "POST" and c.path == f"/webhooks/{APP_ID}/{token}"]
+
+
+def channel_posts(stand_in: DiscordStandIn, at_least: int = 1) -> list:
+    posts = stand_in.api("POST", f"/channels/{CHANNEL_ID}/messages")
+    return posts if len(posts) >= at_least else []
+
+
+def assert_acknowledged_first(stand_in: DiscordStandIn, token: str, dispatched: float) -> None:
+    """The interaction's first call is the deferral, within 3 s, before any download."""
+    calls = webhook_calls(stand_in, token)
+    callback = calls[0]
+    assert callback.path.endswith("/callback")
+    assert callback.payload["type"] == DEFER_WITH_THINKING
+    assert callback.at - dispatched < 3.0
+    downloads = [c for c in stand_in.calls if c.path.startswith("/cdn/")]
+    assert all(callback.at <= d.at for d in downloads)
+
+
+async def show_mosaic(bot, stand_in) -> tuple[str, object]:
+    token, dispatched = dispatch_interaction(
+        bot, slash("mosaic", "show", [{"name": "name", "type": 3, "value": MOSAIC_NAME}])
+    )
+    [posted] = await stand_in.wait_for(lambda _: followups(stand_in, token))
+    assert_acknowledged_first(stand_in, token, dispatched)
+    return token, posted
+
+
+async def test_login_syncs_the_commands_globally_without_a_guild(bot, stand_in):
+    assert stand_in.api("PUT", f"/applications/{APP_ID}/commands")
+    names = {command.name for command in bot.tree.get_commands()}
+    assert names == {"mosaic", "ask", "Ask TalkMosaic"}
+
+
+async def test_guild_sync_in_development(stand_in, commands, updates):
+    client = TalkMosaicBot(commands, updates, guild_id=1234)
+    await client.login("test-token")
+    await client.close()
+    assert stand_in.api("PUT", f"/applications/{APP_ID}/guilds/1234/commands")
+
+
+async def test_show_defers_then_attaches_the_mosaic_and_remembers_the_message(
+    bot, stand_in, ctx, mosaic
+):
+    _token, posted = await show_mosaic(bot, stand_in)
+    [(name, data)] = posted.files
+    assert name == f"{MOSAIC_NAME}.jpg"
+    assert data == preview_image(ctx, mosaic, ctx.settings.preview_max_bytes)
+    assert "A1 to J10" in posted.content
+    await asyncio.sleep(0.2)  # the message is remembered right after the follow-up returns
+    with ctx.db.session() as session:
+        shown = mosaic_for_message(session, "discord", str(CHANNEL_ID), posted.response["id"])
+    assert shown is not None and shown.id == mosaic.id
+
+
+async def test_preview_fits_the_interaction_filesize_limit(bot, stand_in, mosaic):
+    limit = 20_000
+    token, _ = dispatch_interaction(
+        bot, slash("mosaic", "show", [{"name": "name", "type": 3, "value": MOSAIC_NAME}]),
+        limit=limit,
+    )
+    [posted] = await stand_in.wait_for(lambda _: followups(stand_in, token))
+    assert 0 < len(posted.files[0][1]) <= limit
+
+
+async def test_build_downloads_the_target_after_deferring_and_attaches_the_mosaic(
+    bot, stand_in, car_library
+):
+    target = fox_image(90)
+    stand_in.serve_file("owl.png", target, "image/png")
+    attachment = attachment_payload(stand_in.base_url, "owl.png", len(target), "image/png")
+    data = slash(
+        "mosaic", "build",
+        [{"name": "target", "type": 11, "value": attachment["id"]},
+         {"name": "name", "type": 3, "value": "owl"},
+         {"name": "columns", "type": 4, "value": 8}],
+        resolved={"attachments": {attachment["id"]: attachment}},
+    )
+    token, dispatched = dispatch_interaction(bot, data)
+    [posted] = await stand_in.wait_for(lambda _: followups(stand_in, token))
+    assert_acknowledged_first(stand_in, token, dispatched)
+    assert posted.content.startswith("Built owl: 8x8 tiles")
+    assert posted.files and posted.files[0][1][:3] == b"\xff\xd8\xff"
+
+
+async def test_replying_c7_to_a_mosaic_returns_that_cars_photo(bot, stand_in, ctx, mosaic):
+    _token, posted = await show_mosaic(bot, stand_in)
+    await asyncio.sleep(0.2)
+    reply = message_payload("C7", reference=posted.response["id"])
+    bot._connection.parse_message_create(reply)
+    [answer] = await stand_in.wait_for(lambda _: channel_posts(stand_in))
+    assert answer.path.endswith("/messages")
+    [(name, data)] = answer.files
+    assert data == car_at(ctx, mosaic, row=6, col=2)
+    assert name == f"{MOSAIC_NAME}-C7.jpg"
+    assert answer.content.startswith(f"C7 of {MOSAIC_NAME}:")
+    assert str(answer.payload["message_reference"]["message_id"]) == reply["id"]
+
+
+async def test_a_coordinate_reply_to_another_message_is_ignored(bot, stand_in, mosaic):
+    bot._connection.parse_message_create(message_payload("C7", reference=snowflake()))
+    bot._connection.parse_message_create(message_payload("ping"))
+    await show_mosaic(bot, stand_in)  # something to wait for
+    assert not stand_in.api("POST", "/channels/")
+
+
+async def test_tile_command_with_a_bad_coordinate_is_one_ephemeral_sentence(
+    bot, stand_in, mosaic
+):
+    token, dispatched = dispatch_interaction(bot, slash("mosaic", "tile", [
+        {"name": "name", "type": 3, "value": MOSAIC_NAME},
+        {"name": "coordinate", "type": 3, "value": "Z99"},
+    ]))
+    [error] = await stand_in.wait_for(lambda _: followups(stand_in, token))
+    assert_acknowledged_first(stand_in, token, dispatched)
+    # The public "thinking" message goes, so the error can be private.
+    assert any(c.method == "DELETE" and c.path.endswith("/messages/@original")
+               for c in webhook_calls(stand_in, token))
+    assert error.flags & EPHEMERAL
+    assert error.files == []
+    assert error.content.startswith("Z99 is off the grid")
+    assert error.content.count(".") == 1 and "Traceback" not in error.content
+
+
+async def test_tile_command_returns_the_car(bot, stand_in, ctx, mosaic):
+    token, _ = dispatch_interaction(bot, slash("mosaic", "tile", [
+        {"name": "name", "type": 3, "value": MOSAIC_NAME},
+        {"name": "coordinate", "type": 3, "value": "b3"},
+    ]))
+    [posted] = await stand_in.wait_for(lambda _: followups(stand_in, token))
+    assert posted.files[0][1] == car_at(ctx, mosaic, row=2, col=1)
+    assert not posted.flags & EPHEMERAL
+
+
+async def test_unknown_mosaic_is_an_ephemeral_error(bot, stand_in, mosaic):
+    token, _ = dispatch_interaction(
+        bot, slash("mosaic", "show", [{"name": "name", "type": 3, "value": "unicorn"}])
+    )
+    [error] = await stand_in.wait_for(lambda _: followups(stand_in, token))
+    assert error.flags & EPHEMERAL
+    assert error.content == 'There is no mosaic named "unicorn" here.'
+
+
+async def test_list_names_the_mosaics(bot, stand_in, mosaic):
+    token, _ = dispatch_interaction(bot, slash("mosaic", "list", []))
+    [posted] = await stand_in.wait_for(lambda _: followups(stand_in, token))
+    assert f"{MOSAIC_NAME} (10x10 tiles)" in posted.content
+
+
+def ask_data(stand_in, photo: bytes, content_type: str, question: str) -> dict:
+    stand_in.serve_file(CAR_JPEG, photo, content_type)
+    attachment = attachment_payload(stand_in.base_url, CAR_JPEG, len(photo), content_type)
+    return slash(None, "ask", [
+        {"name": "photo", "type": 11, "value": attachment["id"]},
+        {"name": "question", "type": 3, "value": question},
+    ], resolved={"attachments": {attachment["id"]: attachment}})
+
+
+async def test_ask_posts_the_queue_position_then_the_answer(
+    bot, stand_in, worker, vehicle_photos
+):
+    photo = vehicle_photos[0].read_bytes()
+    token, dispatched = dispatch_interaction(
+        bot, ask_data(stand_in, photo, "image/jpeg", "Which parts of this car pollute?")
+    )
+    [answer] = await stand_in.wait_for(lambda _: followups(stand_in, token))
+    assert_acknowledged_first(stand_in, token, dispatched)
+    edits = [c for c in webhook_calls(stand_in, token)
+             if c.method == "PATCH" and c.path.endswith("/messages/@original")]
+    assert "next in line" in edits[0].content or "in the queue" in edits[0].content
+    assert edits[0].at < answer.at
+    assert answer.content == "Fake answer to: Which parts of this car pollute?"
+
+
+async def test_ask_refuses_a_file_that_is_not_an_image(bot, stand_in, worker):
+    token, _ = dispatch_interaction(
+        bot, ask_data(stand_in, b"%PDF-1.7 not a photo", "application/pdf", "What is it?")
+    )
+    [error] = await stand_in.wait_for(lambda _: followups(stand_in, token))
+    assert error.flags & EPHEMERAL
+    assert "not an image" in error.content
+    assert not [c for c in stand_in.calls if c.path.startswith("/cdn/")]
+
+
+async def test_context_menu_asks_about_the_photo_in_a_message(
+    bot, stand_in, worker, vehicle_photos
+):
+    photo = vehicle_photos[1].read_bytes()
+    stand_in.serve_file(CAR_JPEG, photo, "image/jpeg")
+    target = message_payload(
+        "what emission standard does it meet?",
+        attachments=[attachment_payload(stand_in.base_url, CAR_JPEG, len(photo), "image/jpeg")],
+    )
+    data = {"id": snowflake(), "name": "Ask TalkMosaic", "type": 3, "target_id": target["id"],
+            "resolved": {"messages": {target["id"]: target}}}
+    token, dispatched = dispatch_interaction(bot, data)
+    [answer] = await stand_in.wait_for(lambda _: followups(stand_in, token))
+    assert_acknowledged_first(stand_in, token, dispatched)
+    assert answer.content == "Fake answer to: what emission standard does it meet?"
+
+
+async def test_a_photo_with_a_question_mentioning_the_bot_is_queued_and_answered(
+    bot, stand_in, worker, vehicle_photos
+):
+    photo = vehicle_photos[2].read_bytes()
+    stand_in.serve_file(CAR_JPEG, photo, "image/jpeg")
+    asked = message_payload(
+        f"<@{BOT_ID}> what tyre should I buy?",
+        mentions=[user_payload(BOT_ID, "talkmosaic", bot=True)],
+        attachments=[attachment_payload(stand_in.base_url, CAR_JPEG, len(photo), "image/jpeg")],
+    )
+    bot._connection.parse_message_create(asked)
+    status, answer = await stand_in.wait_for(lambda _: channel_posts(stand_in, at_least=2))
+    assert "next in line" in status.content or "in the queue" in status.content
+    assert answer.content == "Fake answer to: what tyre should I buy?"
+    assert str(answer.payload["message_reference"]["message_id"]) == asked["id"]
+
+
+async def test_messages_from_bots_are_ignored(bot, stand_in, mosaic):
+    bot._connection.parse_message_create(
+        message_payload("C7", author=user_payload(BOT_ID, "talkmosaic", bot=True),
+                        reference=snowflake())
+    )
+    await show_mosaic(bot, stand_in)
+    assert not stand_in.api("POST", "/channels/")
