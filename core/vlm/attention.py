@@ -349,6 +349,41 @@ def _prefill(query, key, value, keep, block_size, attention_mask, scale, bias):
 # transformers glue
 
 
+def block_sparse_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    config: PrBlockConfig,
+    *,
+    layer: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    protected: Sequence[Span] = (),
+    scale: float | None = None,
+) -> torch.Tensor | None:
+    """Sample the blocks and run the right path; None when every block is kept (use SDPA).
+
+    Takes query (b, hq, q_len, d), key/value (b, hkv, kv_len, d), an optional bool mask
+    (b, 1, q_len, kv_len); returns (b, hq, q_len, d).
+    """
+    q_len, kv_len = query.shape[2], key.shape[2]
+    keep = sample_blocks(
+        config, q_len, kv_len, heads=key.shape[1], layer=layer, protected=protected
+    )
+    bias = None
+    if config.log_p_correction:
+        bias = logit_bias(config, keep, q_len, kv_len, protected)
+    elif int(keep.sum()) == key.shape[1] * _causal_pairs(q_len, kv_len, config.block_size):
+        return None
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask == 0
+    args = (query, key, value, keep, config.block_size, attention_mask, scale, bias)
+    if q_len == 1:
+        return gather_attention(*args)
+    if q_len == kv_len:
+        return _prefill(*args)
+    return masked_sdpa(*args)
+
+
 def prblock_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -363,29 +398,21 @@ def prblock_attention(
 ) -> tuple[torch.Tensor, None]:
     """The function transformers calls in place of SDPA; returns (b, q_len, heads, d)."""
     state = getattr(module, "prblock", None) or default_state
-    config = state.config
-    q_len, kv_len = query.shape[2], key.shape[2]
-    layer = getattr(module, "layer_idx", 0) or 0
-    keep = sample_blocks(
-        config, q_len, kv_len, heads=key.shape[1], layer=layer, protected=state.protected
+    out = block_sparse_attention(
+        query,
+        key,
+        value,
+        state.config,
+        layer=getattr(module, "layer_idx", 0) or 0,
+        attention_mask=attention_mask,
+        protected=state.protected,
+        scale=scaling,
     )
-    bias = None
-    if config.log_p_correction:
-        bias = logit_bias(config, keep, q_len, kv_len, state.protected)
-    elif int(keep.sum()) == key.shape[1] * _causal_pairs(q_len, kv_len, config.block_size):
+    if out is None:
         # Nothing to skip (short prompts): SDPA computes exactly the same thing, fastest.
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, **kwargs
         )
-    if attention_mask is not None and attention_mask.dtype != torch.bool:
-        attention_mask = attention_mask == 0
-    args = (query, key, value, keep, config.block_size, attention_mask, scaling, bias)
-    if q_len == 1:
-        out = gather_attention(*args)
-    elif q_len == kv_len:
-        out = _prefill(*args)
-    else:
-        out = masked_sdpa(*args)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -1,0 +1,187 @@
+"""PrFlashAttention against SDPA: attention-op time, and quality on SmolLM2 under teacher forcing.
+
+Run: `PYTHONPATH=. python bench/attention.py` (CPU defaults), or on a GPU machine
+`PYTHONPATH=. python bench/attention.py --sizes 4096 8192 16384 32768 --block-size 128`.
+Prints one table; times are medians of interleaved repeats, compared within the same run.
+"""
+
+import argparse
+import math
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from core.vlm.attention import block_sparse_attention, expected_density, use_prblock
+from core.vlm.config import PrBlockConfig
+
+# SmolLM2-135M's attention shape: 9 query heads sharing 3 key/value heads of width 64.
+Q_HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
+TEXT = Path("/usr/share/common-licenses/GPL-3")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--block-size", type=int, default=None, help="default: 64 CPU, 128 GPU")
+    parser.add_argument("--window", type=int, default=None)
+    parser.add_argument("--sinks", type=int, default=None)
+    parser.add_argument("--alpha", type=float, default=None)
+    parser.add_argument("--quality-tokens", type=int, default=4096, help="0 skips the model")
+    parser.add_argument(
+        "--settings",
+        nargs="*",
+        default=["1:4", "0.5:4", "1:2", "2:8", "1:4:log"],
+        help="alpha:window[:log] settings measured on SmolLM2",
+    )
+    return parser.parse_args()
+
+
+def median_seconds(function, repeats: int, synchronize) -> float:
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        function()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def op_rows(config: PrBlockConfig, args, device: str) -> list[list[str]]:
+    """Attention-op time at SmolLM2's shape: prblock (sampling included) vs causal SDPA."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
+    rows = []
+    for n in args.sizes:
+        generator = torch.Generator(device).manual_seed(n)
+        q = torch.randn(1, Q_HEADS, n, HEAD_DIM, device=device, dtype=dtype, generator=generator)
+        k, v = (
+            torch.randn(1, KV_HEADS, n, HEAD_DIM, device=device, dtype=dtype, generator=generator)
+            for _ in range(2)
+        )
+
+        def sdpa(q=q, k=k, v=v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        def prblock(q=q, k=k, v=v):
+            return block_sparse_attention(q, k, v, config)
+
+        prblock()  # compile for this length outside the timing
+        sdpa()
+        peers = {"sdpa": sdpa, "prblock": prblock}
+        if device == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            def sdpa_flash(q=q, k=k, v=v):
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+            sdpa_flash()
+            peers = {"sdpa": sdpa_flash, "prblock": prblock}
+        times = {name: [] for name in peers}
+        for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
+            for name, function in peers.items():
+                times[name].append(median_seconds(function, 1, synchronize))
+        sdpa_s, prblock_s = (statistics.median(times[name]) for name in ("sdpa", "prblock"))
+        rows.append(
+            [
+                f"op {n}",
+                f"{expected_density(config, n):.3f}",
+                f"{sdpa_s * 1e3:.1f}",
+                f"{prblock_s * 1e3:.1f}",
+                f"{sdpa_s / prblock_s:.2f}x",
+                "",
+                "",
+            ]
+        )
+    return rows
+
+
+def parse_setting(text: str, base: PrBlockConfig) -> PrBlockConfig:
+    alpha, window, *flags = text.split(":")
+    return replace(base, alpha=float(alpha), window=int(window), log_p_correction="log" in flags)
+
+
+def quality_rows(base: PrBlockConfig, args, device: str) -> list[list[str]]:
+    """Teacher forcing over a real licence text: perplexity and top-1 agreement vs sdpa."""
+    from core.vlm.loader import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    model.to(device)
+    ids = tokenizer(TEXT.read_text(), return_tensors="pt").input_ids[:, : args.quality_tokens]
+    ids = ids.to(device)
+    targets = ids[0, 1:]
+    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
+
+    def forward():
+        with torch.no_grad():
+            return model(ids).logits[0, :-1].float()
+
+    def measure():
+        start = time.perf_counter()
+        logits = forward()
+        synchronize()
+        seconds = time.perf_counter() - start
+        nll = F.cross_entropy(logits, targets).item()
+        return seconds, nll, logits.argmax(-1)
+
+    forward()
+    sdpa_s, sdpa_nll, sdpa_top1 = measure()
+    n = ids.shape[1]
+    rows = [[f"SmolLM2 sdpa {n}", "1.000", f"{sdpa_s * 1e3:.0f}", "", "", "1.000", "1.000"]]
+    for text in args.settings:
+        config = parse_setting(text, base)
+        use_prblock(model, config)
+        forward()  # compile for this length outside the timing
+        seconds, nll, top1 = measure()
+        agree = (top1 == sdpa_top1).float().mean().item()
+        label = f"SmolLM2 a={config.alpha:g} w={config.window}" + (
+            " log" if config.log_p_correction else ""
+        )
+        rows.append(
+            [
+                label,
+                f"{expected_density(config, n):.3f}",
+                f"{sdpa_s * 1e3:.0f}",
+                f"{seconds * 1e3:.0f}",
+                f"{sdpa_s / seconds:.2f}x",
+                f"{math.exp(nll - sdpa_nll):.3f}",
+                f"{agree:.3f}",
+            ]
+        )
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = PrBlockConfig(block_size=128) if device == "cuda" else PrBlockConfig()
+    overrides = {
+        name: getattr(args, name)
+        for name in ("block_size", "window", "sinks", "alpha")
+        if getattr(args, name) is not None
+    }
+    base = replace(base, **overrides)
+    rows = op_rows(base, args, device)
+    if args.quality_tokens:
+        rows += quality_rows(base, args, device)
+    peer = "sdpa flash" if device == "cuda" else "sdpa"
+    header = ["case", "density", f"{peer} ms", "prblock ms", "speedup", "ppl ratio", "top-1"]
+    print(
+        f"PrFlashAttention vs {peer} on {device} ({torch.get_num_threads()} threads), "
+        f"block {base.block_size}, window {base.window}, sinks {base.sinks}, "
+        f"alpha {base.alpha:g}, beta {base.beta:g}; op rows at SmolLM2 shape "
+        f"({Q_HEADS}q/{KV_HEADS}kv heads x {HEAD_DIM}), median of {args.repeats}"
+    )
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
+if __name__ == "__main__":
+    main()

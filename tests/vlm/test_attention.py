@@ -1,0 +1,256 @@
+"""PrFlashAttention: the sampler's law, exactness against SDPA, and transformers models using it."""
+
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.vlm.attention import (
+    NotPrBlockModel,
+    block_sparse_attention,
+    expected_density,
+    flex_block_attention,
+    gather_attention,
+    logit_bias,
+    masked_sdpa,
+    protected_spans,
+    realised_density,
+    reference_attention,
+    register,
+    sample_blocks,
+    token_mask,
+    token_spans,
+    use_prblock,
+)
+from core.vlm.config import PrBlockConfig
+from tests.vlm.conftest import IMAGE_TOKEN_ID, llava_prompt
+
+BLOCK = 16
+SPARSE = PrBlockConfig(block_size=BLOCK, window=1, sinks=1, alpha=0.5)
+DENSE = PrBlockConfig(block_size=BLOCK, alpha=1e9)
+# The tiny Llama's attention shape, so the compiled kernels are shared with the model tests.
+BATCH, Q_HEADS, KV_HEADS, DIM, LENGTH = 2, 4, 2, 16, 100
+SCALE = DIM**-0.5
+
+
+def qkv(q_len: int = LENGTH, kv_len: int = LENGTH, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(BATCH, Q_HEADS, q_len, DIM, generator=generator)
+    key = torch.randn(BATCH, KV_HEADS, kv_len, DIM, generator=generator)
+    value = torch.randn(BATCH, KV_HEADS, kv_len, DIM, generator=generator)
+    return query, key, value
+
+
+def left_padding_mask(q_len: int = LENGTH, kv_len: int = LENGTH, pads: int = 7) -> torch.Tensor:
+    """transformers' bool mask (b, 1, q, kv): causal, with the second row left-padded."""
+    keys = torch.ones(BATCH, kv_len, dtype=torch.bool)
+    keys[1, :pads] = False
+    q_pos = torch.arange(kv_len - q_len, kv_len)
+    causal = q_pos[:, None] >= torch.arange(kv_len)[None, :]
+    return causal[None, None] & keys[:, None, None, :]
+
+
+def sdpa(query, key, value, mask=None):
+    if mask is None:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True)
+
+
+def all_kept(q_len: int = LENGTH, kv_len: int = LENGTH) -> torch.Tensor:
+    return sample_blocks(DENSE, q_len, kv_len, heads=KV_HEADS)
+
+
+# --- the sampler
+
+
+def test_sample_keeps_window_sinks_and_protected_blocks_and_nothing_above_the_diagonal():
+    config = PrBlockConfig(block_size=BLOCK, window=2, sinks=1, alpha=0.01)
+    keep = sample_blocks(config, 320, 320, heads=3, protected=[(100, 130)])
+    rows = torch.arange(20)[:, None]
+    cols = torch.arange(20)[None, :]
+    distance = rows - cols
+    assert not keep[:, distance < 0].any()
+    assert keep[:, (distance >= 0) & (distance < 2)].all()
+    assert keep[:, :, 0].all()
+    assert keep[:, 8:, 6:9].all()  # tokens 100..129 live in blocks 6, 7 and 8
+    assert realised_density(keep) < 0.5
+
+
+def test_realised_density_matches_the_formula_over_many_seeds():
+    config = PrBlockConfig(block_size=64, window=4, sinks=1, alpha=1.0)
+    densities = [
+        realised_density(sample_blocks(replace_seed(config, seed), 4096, 4096, heads=3, layer=2))
+        for seed in range(40)
+    ]
+    assert statistics.mean(densities) == pytest.approx(expected_density(config, 4096), rel=0.02)
+    assert expected_density(config, 4096) < 0.35
+
+
+def replace_seed(config: PrBlockConfig, seed: int) -> PrBlockConfig:
+    return PrBlockConfig(**{**config.__dict__, "seed": seed})
+
+
+def test_same_seed_same_blocks_other_seed_or_layer_other_blocks():
+    keep = sample_blocks(SPARSE, 640, 640, heads=2, layer=1)
+    assert torch.equal(keep, sample_blocks(SPARSE, 640, 640, heads=2, layer=1))
+    assert not torch.equal(keep, sample_blocks(SPARSE, 640, 640, heads=2, layer=2))
+    assert not torch.equal(keep, sample_blocks(replace_seed(SPARSE, 1), 640, 640, heads=2, layer=1))
+    assert not torch.equal(keep[0], keep[1])
+
+
+def test_decoding_a_token_keeps_the_blocks_its_prefill_row_kept():
+    prefill = sample_blocks(SPARSE, 640, 640, heads=2, layer=3)
+    for position in (17, 300, 639):
+        decode = sample_blocks(SPARSE, 1, position + 1, heads=2, layer=3)
+        row = position // BLOCK
+        assert torch.equal(decode[:, 0], prefill[:, row, : row + 1])
+
+
+def test_every_block_kept_means_density_one():
+    assert expected_density(DENSE, 1000) == 1.0
+    assert realised_density(all_kept()) == 1.0
+
+
+def test_token_spans_finds_runs_of_image_tokens():
+    ids = torch.tensor([[1, 9, 9, 9, 4, 9, 5], [1, 9, 9, 9, 4, 3, 5]])
+    assert token_spans(ids, 9) == [(1, 4), (5, 6)]
+
+
+# --- exactness
+
+
+def test_every_block_kept_equals_sdpa_causal_with_gqa():
+    query, key, value = qkv()
+    out = reference_attention(query, key, value, all_kept(), BLOCK)
+    torch.testing.assert_close(out, sdpa(query, key, value), atol=1e-5, rtol=1e-5)
+
+
+def test_every_block_kept_equals_sdpa_with_padding():
+    query, key, value = qkv()
+    mask = left_padding_mask()
+    out = reference_attention(query, key, value, all_kept(), BLOCK, mask)
+    expected = sdpa(query, key, value, mask)
+    # Padded query rows see nothing; only the real tokens' outputs are defined.
+    torch.testing.assert_close(out[1, :, 7:], expected[1, :, 7:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[0], expected[0], atol=1e-5, rtol=1e-5)
+
+
+def test_sampled_blocks_equal_sdpa_under_the_same_dense_mask():
+    query, key, value = qkv()
+    keep = sample_blocks(SPARSE, LENGTH, LENGTH, heads=KV_HEADS)
+    dense = token_mask(keep, BLOCK, LENGTH, LENGTH).repeat_interleave(2, 0)[None]
+    out = reference_attention(query, key, value, keep, BLOCK)
+    torch.testing.assert_close(out, sdpa(query, key, value, dense), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked_sdpa(query, key, value, keep, BLOCK), out, atol=1e-5, rtol=0)
+
+
+def test_decode_gather_equals_the_reference_with_padding():
+    query, key, value = qkv(q_len=1, kv_len=90)
+    mask = left_padding_mask(q_len=1, kv_len=90)
+    for config in (SPARSE, DENSE):
+        keep = sample_blocks(config, 1, 90, heads=KV_HEADS, layer=4)
+        out = gather_attention(query, key, value, keep, BLOCK, mask)
+        expected = reference_attention(query, key, value, keep, BLOCK, mask)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, sdpa(query, key, value, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_chunk_of_queries_after_a_cache_equals_the_reference():
+    query, key, value = qkv(q_len=37, kv_len=LENGTH)
+    keep = sample_blocks(SPARSE, 37, LENGTH, heads=KV_HEADS, layer=1)
+    out = block_sparse_attention(query, key, value, SPARSE, layer=1)
+    torch.testing.assert_close(
+        out, reference_attention(query, key, value, keep, BLOCK), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_log_p_correction_adds_log_inverse_probability_to_sampled_blocks_only():
+    query, key, value = qkv()
+    keep = sample_blocks(SPARSE, LENGTH, LENGTH, heads=KV_HEADS)
+    bias = logit_bias(SPARSE, keep, LENGTH, LENGTH)
+    assert (bias[:, torch.arange(7), torch.arange(7)] == 0).all()  # the diagonal is not sampled
+    assert (bias > 0).any()
+    out = reference_attention(query, key, value, keep, BLOCK, bias=bias)
+    torch.testing.assert_close(
+        masked_sdpa(query, key, value, keep, BLOCK, bias=bias), out, atol=1e-5, rtol=1e-5
+    )
+
+
+def test_a_token_never_sees_the_future():
+    query, key, value = qkv()
+    keep = sample_blocks(SPARSE, LENGTH, LENGTH, heads=KV_HEADS)
+    before = reference_attention(query, key, value, keep, BLOCK)
+    future_key, future_value = key.clone(), value.clone()
+    future_key[:, :, 50:] = 100.0
+    future_value[:, :, 50:] = -100.0
+    after = reference_attention(query, future_key, future_value, keep, BLOCK)
+    torch.testing.assert_close(after[:, :, :50], before[:, :, :50])
+    assert not token_mask(keep, BLOCK, LENGTH, LENGTH).triu(1).any()
+
+
+def test_compiled_flex_equals_sdpa_dense_and_the_reference_sampled_with_and_without_padding():
+    query, key, value = qkv()
+    dense = flex_block_attention(query, key, value, all_kept(), BLOCK, scale=SCALE)
+    torch.testing.assert_close(dense, sdpa(query, key, value), atol=1e-5, rtol=1e-5)
+    keep = sample_blocks(SPARSE, LENGTH, LENGTH, heads=KV_HEADS)
+    sampled = flex_block_attention(query, key, value, keep, BLOCK, scale=SCALE)
+    expected = reference_attention(query, key, value, keep, BLOCK)
+    torch.testing.assert_close(sampled, expected, atol=1e-5, rtol=1e-5)
+    mask = left_padding_mask()
+    padded = flex_block_attention(query, key, value, keep, BLOCK, mask, scale=SCALE)
+    expected = reference_attention(query, key, value, keep, BLOCK, mask)
+    torch.testing.assert_close(padded[:, :, 7:], expected[:, :, 7:], atol=1e-5, rtol=1e-5)
+
+
+# --- transformers models
+
+
+def test_register_returns_its_name_twice_and_refuses_flash_names():
+    assert register(SPARSE) == register(SPARSE) == "prblock"
+    with pytest.raises(ValueError):
+        register(name="prflash")
+
+
+def test_greedy_output_with_every_block_kept_equals_sdpa(tiny_llama):
+    ids = torch.randint(3, 250, (BATCH, LENGTH), generator=torch.Generator().manual_seed(1))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :7] = 0
+    kwargs = dict(attention_mask=attention_mask, max_new_tokens=8, do_sample=False)
+    expected = tiny_llama.generate(ids, **kwargs)
+    # log(1/p) = 0 when p = 1, so this config computes every block through flex and gather.
+    use_prblock(tiny_llama, PrBlockConfig(block_size=BLOCK, alpha=1e9, log_p_correction=True))
+    assert tiny_llama.config._attn_implementation == "prblock"
+    assert torch.equal(tiny_llama.generate(ids, **kwargs), expected)
+
+
+def test_tiny_llama_generates_with_sparse_attention_and_padding(tiny_llama):
+    ids = torch.randint(3, 250, (BATCH, LENGTH), generator=torch.Generator().manual_seed(2))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :7] = 0
+    use_prblock(tiny_llama, SPARSE)
+    out = tiny_llama.generate(
+        ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False
+    )
+    assert out.shape == (BATCH, LENGTH + 8)
+    assert torch.equal(out[:, :LENGTH], ids)
+
+
+def test_tiny_llava_generates_with_its_image_tokens_protected(tiny_llava):
+    ids, pixels = llava_prompt(n_text=60)
+    use_prblock(tiny_llava, SPARSE)
+    assert tiny_llava.config.text_config._attn_implementation == "prblock"
+    assert tiny_llava.config.vision_config._attn_implementation == "sdpa"
+    with protected_spans(tiny_llava, token_spans(ids, IMAGE_TOKEN_ID)):
+        out = tiny_llava.generate(
+            input_ids=ids, pixel_values=pixels, max_new_tokens=6, do_sample=False
+        )
+        state = tiny_llava.model.language_model.layers[0].self_attn.prblock
+        assert state.protected == [(1, 17)]
+    assert state.protected == []
+    assert out.shape == (1, ids.shape[1] + 6)
+
+
+def test_protected_spans_needs_a_prblock_model(tiny_llama):
+    with pytest.raises(NotPrBlockModel), protected_spans(tiny_llama, [(0, 4)]):
+        pass
