@@ -7,6 +7,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -100,6 +101,8 @@ class Job(Base):
     """A queued question about a photo; persisted so a restart loses nothing."""
 
     __tablename__ = "jobs"
+    # Per-user limit check: count one user's pending jobs without scanning the table.
+    __table_args__ = (Index("ix_jobs_user_status", "user_id", "status"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(20), default="ask")
