@@ -20,6 +20,7 @@ from core.errors import BadImage, UnknownMosaic, UserError
 from core.gallery import TileLookup, find_mosaic, list_mosaics, tile_lookup
 from core.images import decode_image
 from core.mosaic import MosaicOptions, build_mosaic, format_coordinate, preview_image
+from core.worker import FINAL_EVENTS
 from storage.messages import mosaic_for_message, remember_message
 from storage.models import Mosaic
 
@@ -212,8 +213,8 @@ class Commands:
 
 def queued_text(position: int | None) -> str:
     if not position or position <= 1:
-        return "Your question is next in line; I will answer here."
-    return f"Your question is #{position} in the queue; I will answer here."
+        return "Your question is next in line; the answer will follow here."
+    return f"Your question is #{position} in the queue; the answer will follow here."
 
 
 def is_coordinate(text: str) -> bool:
@@ -277,17 +278,16 @@ class JobStatus(Protocol):
 
 # A platform's way to answer a job it has no live status for (e.g. after a restart).
 Fallback = Callable[[object, str], Awaitable[None]]
-FINAL_EVENTS = frozenset({"done", "failed", "cancelled", "timeout", "timed_out", "error"})
 
 
 class JobUpdates:
-    """The worker's on_update(job_id, event, text): routes it to the job's status message, and
-    re-numbers the other waiting jobs' "you are #3" as the queue moves."""
+    """The worker's on_update(job_id, event, text), routed to the status message of that job:
+    position and progress events edit it, a final event posts the answer (or why there is none).
+    """
 
     def __init__(self, queue: JobQueueLike):
         self.queue = queue
         self._live: dict[int, JobStatus] = {}
-        self._shown_position: dict[int, int | None] = {}
         self._fallbacks: dict[str, Fallback] = {}
         self._attaching = asyncio.Lock()
 
@@ -305,45 +305,24 @@ class JobUpdates:
             reply = await ask
             if reply.job_id is not None:
                 self._live[reply.job_id] = await show(reply.text)
-                self._shown_position[reply.job_id] = reply.position
         return reply
 
     async def __call__(self, job_id: int, event: str, text: str) -> None:
         async with self._attaching:
             status = self._live.get(job_id)
         final = event in FINAL_EVENTS
-        try:
-            if status is None:
-                if final:
-                    await self._fall_back(job_id, text)
-                return
+        if status is None:
             if final:
-                self._live.pop(job_id, None)
-                self._shown_position.pop(job_id, None)
-                await status.finish(text)
-            else:
-                self._shown_position[job_id] = None
-                await status.update(text)
-        finally:
-            if final or event == "started":
-                await self._renumber()
+                await self._fall_back(job_id, text)
+            return
+        if final:
+            self._live.pop(job_id, None)
+            await status.finish(text)
+        else:
+            await status.update(text)
 
     async def _fall_back(self, job_id: int, text: str) -> None:
         job = await asyncio.to_thread(self.queue.get, job_id)
         fallback = self._fallbacks.get(getattr(job, "platform", ""))
         if fallback is not None:
             await fallback(job, text)
-
-    async def _renumber(self) -> None:
-        for job_id, shown in list(self._shown_position.items()):
-            if shown is None:
-                continue
-            position = await asyncio.to_thread(self.queue.position, job_id)
-            status = self._live.get(job_id)
-            if status is None or position is None or position == shown:
-                continue
-            self._shown_position[job_id] = position
-            try:
-                await status.update(queued_text(position))
-            except Exception:
-                log.exception("could not update the status of job %s", job_id)

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 from bot.commands import Commands, Cooldowns, JobUpdates
 from core.library import add_car_photo
 from core.mosaic import MosaicOptions, build_mosaic
-from core.worker import JobQueue, Worker
+from core.worker import AnswerResult, JobQueue, JobView, Worker
 from storage import mosaics as mosaic_rows
 from storage.models import Mosaic
 
@@ -54,10 +54,9 @@ def mosaic(ctx, car_library) -> Mosaic:
     return build_mosaic(ctx, fox_image(), MOSAIC_NAME, options=MosaicOptions(cols=10, tile_px=16))
 
 
-def fake_answer(job) -> object:
-    from core.qa.pipeline import Answer
-
-    return Answer(text=f"Fake answer to: {job.question}", sources=[], timings={}, evidence=None)
+def fake_answer(job: JobView, progress) -> AnswerResult:
+    progress("Looking at your photo.")
+    return AnswerResult(f"Fake answer to: {job.question}")
 
 
 @pytest.fixture
@@ -77,7 +76,7 @@ def commands(ctx, queue) -> Commands:
 
 @pytest.fixture
 async def worker(ctx, updates):
-    worker = Worker(ctx, fake_answer, on_update=updates)
+    worker = Worker(ctx, fake_answer, on_update=updates, poll_s=0.05)
     task = asyncio.create_task(worker.run_forever())
     yield worker
     task.cancel()
