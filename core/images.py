@@ -64,7 +64,7 @@ def decode_image(
     except UnidentifiedImageError:
         raise BadImage("The file is not an image in a format we can read.") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
-        if "truncated" in str(error) or isinstance(error, EOFError):
+        if "truncated" in str(error).lower() or isinstance(error, EOFError):
             raise BadImage("The image file is truncated.") from None
         raise BadImage("The image file is damaged and cannot be decoded.") from None
     if orientation in _QUARTER_TURNS:

@@ -66,9 +66,8 @@ def thumbnails(session: Session, car_ids: list[int]) -> dict[int, bytes]:
     found: dict[int, bytes] = {}
     for start in range(0, len(car_ids), 500):
         part = car_ids[start : start + 500]
-        found.update(
-            session.execute(select(Car.id, Car.thumbnail).where(Car.id.in_(part))).tuples()
-        )
+        query = select(Car.id, Car.thumbnail).where(Car.id.in_(part))
+        found.update((car_id, thumbnail) for car_id, thumbnail in session.execute(query))
     return found
 
 

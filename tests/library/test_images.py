@@ -1,0 +1,137 @@
+"""Safe decoding of untrusted bytes, CIELAB conversion and the Lab-grid feature."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.errors import BadImage
+from core.images import decode_image, lab_grid, lab_to_rgb, rgb_to_lab, square_thumbnail
+
+LIMIT = 40_000_000
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with almost no pixel data behind it."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("rgb", "lab"),
+    [
+        ((255, 255, 255), (100, 0, 0)),
+        ((0, 0, 0), (0, 0, 0)),
+        ((255, 0, 0), (53.24, 80.09, 67.20)),
+        ((0, 0, 255), (32.30, 79.19, -107.86)),
+        ((128, 128, 128), (53.59, 0, 0)),
+    ],
+)
+def test_rgb_to_lab_matches_reference_values(rgb, lab):
+    assert rgb_to_lab(np.array(rgb, np.uint8)) == pytest.approx(lab, abs=0.02)
+
+
+def test_float_and_uint8_input_give_the_same_lab():
+    colours = np.random.default_rng(0).integers(0, 256, (50, 3), dtype=np.uint8)
+    np.testing.assert_allclose(
+        rgb_to_lab(colours), rgb_to_lab(colours.astype(np.float64)), atol=1e-3
+    )
+
+
+def test_lab_to_rgb_inverts_rgb_to_lab():
+    colours = np.random.default_rng(1).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    np.testing.assert_allclose(lab_to_rgb(rgb_to_lab(colours)), colours, atol=0.01)
+
+
+def test_lab_grid_holds_each_cells_colour():
+    image = Image.new("RGB", (64, 64), (255, 0, 0))
+    image.paste((0, 0, 255), (32, 0, 64, 32))
+    grid = lab_grid(image, 2)
+    assert grid.shape == (2, 2, 3) and grid.dtype == np.float32
+    assert grid[0, 1] == pytest.approx(rgb_to_lab(np.array([0, 0, 255], np.uint8)), abs=0.01)
+    assert grid[1, 0] == pytest.approx((53.24, 80.09, 67.20), abs=0.02)
+
+
+def test_decoded_image_is_rgb_and_upright_per_exif():
+    # Stored left red / right blue; orientation 6 means "turn 90 degrees clockwise to view".
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (20, 0, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    decoded = decode_image(encode(image, "JPEG", exif=exif, quality=95), LIMIT)
+    assert decoded.mode == "RGB" and decoded.size == (20, 40)
+    assert decoded.info["original_size"] == (20, 40)
+    top, bottom = decoded.getpixel((10, 5)), decoded.getpixel((10, 35))
+    assert top[0] > 200 and top[2] < 60
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_transparent_pixels_become_white():
+    image = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert decode_image(encode(image), LIMIT).getpixel((3, 3)) == (255, 255, 255)
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([10, 200, 30] * 256)
+    assert decode_image(encode(palette, transparency=0), LIMIT).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_jpeg_draft_decodes_small_but_remembers_the_full_size():
+    big = Image.fromarray(np.random.default_rng(2).integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    decoded = decode_image(encode(big, "JPEG"), LIMIT, draft_px=96)
+    assert decoded.size == (160, 120)
+    assert decoded.info["original_size"] == (640, 480)
+
+
+def test_non_image_bytes_are_rejected():
+    with pytest.raises(BadImage, match="not an image"):
+        decode_image(b"just some text, not a picture", LIMIT)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_image_is_rejected(fmt):
+    noisy = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    data = encode(noisy, fmt)
+    with pytest.raises(BadImage, match="truncated"):
+        decode_image(data[: len(data) // 2], LIMIT)
+
+
+def test_decompression_bomb_is_rejected_before_decoding():
+    with pytest.raises(BadImage, match="too many pixels"):
+        decode_image(png_header_only(50_000, 50_000), LIMIT)
+
+
+def test_pixel_limit_is_checked_from_the_header():
+    with pytest.raises(BadImage, match="8000 x 8000"):
+        decode_image(png_header_only(8000, 8000), LIMIT)
+
+
+def test_too_many_bytes_are_rejected():
+    with pytest.raises(BadImage, match="larger than 1 MiB"):
+        decode_image(b"\0" * (2 << 20), LIMIT, max_bytes=1 << 20)
+
+
+def test_square_thumbnail_crops_the_centre():
+    image = Image.new("RGB", (300, 100), (0, 0, 0))
+    image.paste((255, 255, 255), (100, 0, 200, 100))
+    thumbnail = square_thumbnail(image, 32)
+    assert thumbnail.size == (32, 32)
+    assert np.asarray(thumbnail).min() > 240
