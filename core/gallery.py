@@ -9,10 +9,11 @@ from PIL import Image
 
 from core.context import AppContext
 from core.errors import UnknownMosaic
+from core.library import car_info
 from core.mosaic import format_coordinate, parse_coordinate
 from storage import mosaics as mosaic_rows
 from storage.media import MediaMissing
-from storage.models import Car, Mosaic
+from storage.models import Mosaic
 
 
 @dataclass
@@ -44,12 +45,6 @@ def list_mosaics(ctx: AppContext, scope: str = "local") -> list[Mosaic]:
 
 def render_bytes(ctx: AppContext, mosaic: Mosaic) -> bytes:
     return ctx.media.read(mosaic.render_media_key)
-
-
-def car_info(car: Car) -> dict:
-    """What is known about a car photo, for a chat reply or the gallery."""
-    fields = ("make", "model", "year", "fuel", "co2_g_km", "emission_standard", "source")
-    return {"id": car.id, "file_name": car.file_name, **{f: getattr(car, f) for f in fields}}
 
 
 def tile_lookup(ctx: AppContext, mosaic: Mosaic, coordinate: str) -> TileLookup:

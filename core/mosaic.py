@@ -24,6 +24,7 @@ from core.errors import (
     MosaicExists,
 )
 from core.images import decode_image, rgb_to_lab
+from core.library import LibraryIndex
 from storage import mosaics as mosaic_rows
 from storage.media import sha256_hex
 from storage.models import Mosaic
@@ -425,27 +426,6 @@ def console_progress() -> Progress:
     return update
 
 
-@dataclass
-class LibraryArrays:
-    car_ids: np.ndarray  # (N,) int64
-    shas: list[str]
-    features: np.ndarray  # (N, k*k*3) float32
-    grid: int  # k
-
-
-def _load_library(ctx: AppContext) -> LibraryArrays:
-    with ctx.db.session() as session:
-        ids, shas, blob, grid = mosaic_rows.library_features(session)
-    features = np.frombuffer(blob, np.float32).reshape(len(ids), grid * grid * 3)
-    return LibraryArrays(np.asarray(ids, np.int64), shas, features, grid)
-
-
-def _thumbnails(ctx: AppContext, car_ids: list[int], positions: list[int]) -> dict[int, bytes]:
-    with ctx.db.session() as session:
-        by_car = mosaic_rows.car_thumbnails(session, car_ids)
-    return {position: by_car[car] for position, car in zip(positions, car_ids, strict=True)}
-
-
 # Building ------------------------------------------------------------------------------------
 
 
@@ -473,7 +453,7 @@ def build_mosaic(
     image = decode_image(target, ctx.settings.max_image_pixels)
     rows = grid_rows(image.width, image.height, options.cols)
     image = crop_to_grid(image, rows, options.cols)
-    library = _load_library(ctx)
+    library = LibraryIndex.load(ctx)
     if len(library.car_ids) == 0:
         raise EmptyLibrary("The car library is empty: add car photos before building a mosaic.")
 
@@ -487,7 +467,7 @@ def build_mosaic(
     tile_stack = _tile_cache.tiles(
         [library.shas[i] for i in distinct.tolist()],
         options.tile_px,
-        lambda positions: _thumbnails(ctx, library.car_ids[distinct[positions]].tolist(),
+        lambda positions: _thumbnails(ctx, library, library.car_ids[distinct[positions]].tolist(),
                                       positions),
     )
     colours = cell_colours(image, rows, options.cols)
@@ -526,6 +506,13 @@ def build_mosaic(
     except IntegrityError:
         raise MosaicExists(f'There is already a mosaic named "{name}" here.') from None
     return mosaic
+
+
+def _thumbnails(
+    ctx: AppContext, library: LibraryIndex, car_ids: list[int], positions: list[int]
+) -> dict[int, bytes]:
+    by_car = library.thumbnails(ctx, car_ids)
+    return {position: by_car[car] for position, car in zip(positions, car_ids, strict=True)}
 
 
 def _checked_name(name: str) -> str:

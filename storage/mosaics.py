@@ -52,23 +52,3 @@ def distinct_cars(session: Session, mosaic_id: int) -> int:
     query = select(func.count(func.distinct(Tile.car_id))).where(Tile.mosaic_id == mosaic_id)
     return session.scalar(query) or 0
 
-
-def library_features(session: Session) -> tuple[list[int], list[str], bytes, int]:
-    """Every car's id, sha256 and float32 Lab-grid features (concatenated), and the grid size.
-    Raises ValueError if cars were indexed with different grid sizes."""
-    rows = session.execute(
-        select(Car.id, Car.sha256, Car.features, Car.feature_grid).order_by(Car.id)
-    ).all()
-    grids = {row.feature_grid for row in rows}
-    if len(grids) > 1:
-        raise ValueError(f"cars were indexed with different feature grids: {sorted(grids)}")
-    grid = grids.pop() if grids else 0
-    return [r.id for r in rows], [r.sha256 for r in rows], b"".join(r.features for r in rows), grid
-
-
-def car_thumbnails(session: Session, car_ids: list[int]) -> dict[int, bytes]:
-    found: dict[int, bytes] = {}
-    for start in range(0, len(car_ids), 5000):
-        part = car_ids[start : start + 5000]
-        found.update(session.execute(select(Car.id, Car.thumbnail).where(Car.id.in_(part))).all())
-    return found
