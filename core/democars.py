@@ -394,3 +394,111 @@ def _light(picture: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     exposure = rng.uniform(0.85, 1.12)
     noise = rng.standard_normal(picture.shape, dtype=np.float32) * 3
     return np.clip(picture * (exposure + side) + noise, 0, 255).astype(np.uint8)
+
+
+# The bundled target ---------------------------------------------------------------------------
+
+
+def _ellipse(cx: float, cy: float, rx: float, ry: float, degrees: float = 0.0) -> list[tuple]:
+    """Polygon of an ellipse turned by `degrees` (ImageDraw only draws upright ones)."""
+    t = np.linspace(0, 2 * np.pi, 96, endpoint=False)
+    turn = np.radians(degrees)
+    x, y = rx * np.cos(t), ry * np.sin(t)
+    return list(
+        zip(
+            cx + x * np.cos(turn) - y * np.sin(turn),
+            cy + x * np.sin(turn) + y * np.cos(turn),
+            strict=True,
+        )
+    )
+
+
+def _bamboo(
+    draw: ImageDraw.ImageDraw,
+    x: float,
+    top: float,
+    bottom: float,
+    width: float,
+    green: tuple,
+    leaves: int,
+    rng: np.random.Generator,
+) -> None:
+    node = tuple(int(c * 0.7) for c in green)
+    draw.rounded_rectangle(
+        (x - width / 2, top, x + width / 2, bottom), radius=width / 3, fill=green
+    )
+    draw.line(
+        [(x - width * 0.2, top), (x - width * 0.2, bottom)],
+        fill=tuple(min(255, int(c * 1.25)) for c in green),
+        width=max(2, int(width / 6)),
+    )
+    for y in np.arange(top + rng.uniform(60, 140), bottom, rng.uniform(130, 180)):
+        draw.rectangle((x - width / 2 - 2, y, x + width / 2 + 2, y + width / 7), fill=node)
+    leaf = tuple(int(c * 0.85) for c in green)
+    for _ in range(leaves):
+        y = rng.uniform(top, bottom)
+        side = rng.choice([-1, 1])
+        length = rng.uniform(70, 120)
+        angle = side * rng.uniform(15, 45) + (0 if side > 0 else 180)
+        cx = x + np.cos(np.radians(angle)) * length / 2
+        cy = y + np.sin(np.radians(angle)) * length / 2
+        draw.polygon(_ellipse(cx, cy, length / 2, length / 9, angle), fill=leaf)
+
+
+def draw_panda(size: int = 512) -> Image.Image:
+    """A giant panda sitting in a bamboo forest, drawn by us: bold black and white on greens, so
+    it stays readable as a mosaic of a few thousand tiles. Drawn at 1024 px, then downsampled."""
+    rng = np.random.default_rng(2409)
+    big = 1024
+    sky = _gradient((214, 236, 160), (92, 160, 72), big, big)
+    image = Image.fromarray(sky.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for x in (40, 150, 880, 990, 260, 770):
+        green = tuple(
+            int(c) for c in (rng.integers(60, 110), rng.integers(130, 170), rng.integers(40, 70))
+        )
+        _bamboo(draw, x + rng.uniform(-20, 20), -20, big + 20, rng.uniform(38, 56), green, 6, rng)
+    draw.rectangle((0, 900, big, big), fill=(70, 120, 50))
+
+    black, white, shade = (22, 22, 26), (248, 246, 238), (214, 212, 206)
+    # Body, legs and arms first; the head sits over the shoulders.
+    draw.ellipse((190, 560, 834, 1080), fill=white)
+    draw.polygon(_ellipse(512, 650, 340, 110), fill=black)  # the black shoulder band
+    draw.polygon(_ellipse(290, 960, 160, 110, -10), fill=black)
+    draw.polygon(_ellipse(734, 960, 160, 110, 10), fill=black)
+    draw.ellipse((250, 930, 330, 990), fill=(60, 58, 60))
+    draw.ellipse((694, 930, 774, 990), fill=(60, 58, 60))
+    draw.polygon(_ellipse(300, 790, 100, 190, 20), fill=black)
+    draw.polygon(_ellipse(700, 780, 100, 170, -35), fill=black)
+    # A bamboo stalk held in the right paw, leaves above the shoulder.
+    _bamboo(draw, 760, 300, 1010, 42, (120, 180, 60), 0, rng)
+    for angle, length in ((-150, 150), (-115, 130), (-35, 150), (-5, 120)):
+        cx = 760 + np.cos(np.radians(angle)) * length / 2
+        cy = 330 + np.sin(np.radians(angle)) * length / 2
+        draw.polygon(_ellipse(cx, cy, length / 2, length / 8, angle), fill=(80, 160, 50))
+    draw.polygon(_ellipse(740, 790, 75, 60, -20), fill=black)  # the paw around the stalk
+
+    # Head: ears behind, white face with soft shading, eye patches, eyes, nose, mouth.
+    draw.ellipse((185, 105, 385, 305), fill=black)
+    draw.ellipse((639, 105, 839, 305), fill=black)
+    draw.ellipse((222, 170, 802, 680), fill=shade)
+    draw.ellipse((235, 175, 789, 660), fill=white)
+    # Eye patches slant down and outward, as a panda's do.
+    draw.polygon(_ellipse(400, 425, 72, 108, -35), fill=black)
+    draw.polygon(_ellipse(624, 425, 72, 108, 35), fill=black)
+    for cx in (412, 612):
+        draw.ellipse((cx - 27, 380, cx + 27, 434), fill=(250, 250, 250))
+        draw.ellipse((cx - 15, 392, cx + 15, 422), fill=black)
+        draw.ellipse((cx - 9, 395, cx + 1, 405), fill=(255, 255, 255))
+    draw.ellipse((422, 480, 602, 610), fill=(240, 236, 226))
+    draw.ellipse((462, 492, 562, 548), fill=black)
+    draw.line([(512, 545), (512, 580)], fill=black, width=7)
+    draw.arc((452, 545, 512, 605), 20, 160, fill=black, width=7)
+    draw.arc((512, 545, 572, 605), 20, 160, fill=black, width=7)
+    return image.resize((size, size), Image.Resampling.LANCZOS)
+
+
+if __name__ == "__main__":
+    ASSETS.mkdir(exist_ok=True)
+    draw_panda().save(DEMO_TARGET, optimize=True)
+    print(f"wrote {DEMO_TARGET}")
