@@ -1,0 +1,244 @@
+"""The web gallery (aiohttp): list of mosaics, a zoomable mosaic page, click a tile to see its car.
+
+Everything served comes from the database and the media store by id or key; no path is ever
+taken from the request. Bound to 127.0.0.1 unless the settings say otherwise.
+"""
+
+import asyncio
+import html
+import io
+from functools import lru_cache
+from importlib.resources import files
+
+from aiohttp import web
+from PIL import Image
+
+from core.context import AppContext
+from core.errors import UserError
+from core.gallery import list_mosaics, render_bytes, tile_lookup
+from core.mosaic import format_coordinate
+from storage.models import Mosaic
+
+CTX = web.AppKey("ctx", AppContext)
+QUEUE = web.AppKey("queue", object)
+MAX_VIEW_WIDTH = 4096
+
+
+def _page(name: str) -> str:
+    return files("bot.static").joinpath(name).read_text(encoding="utf-8")
+
+
+def _mosaic_json(mosaic: Mosaic) -> dict:
+    return {
+        "id": mosaic.id,
+        "name": mosaic.name,
+        "scope": mosaic.owner_scope,
+        "rows": mosaic.rows,
+        "cols": mosaic.cols,
+        "tile_px": mosaic.tile_px,
+        "width": mosaic.cols * mosaic.tile_px,
+        "height": mosaic.rows * mosaic.tile_px,
+        "created_at": mosaic.created_at.isoformat() if mosaic.created_at else None,
+        "last_tile": format_coordinate(mosaic.rows - 1, mosaic.cols - 1),
+    }
+
+
+def _all_mosaics(ctx: AppContext) -> list[Mosaic]:
+    with ctx.db.session() as session:
+        scopes = session.query(Mosaic.owner_scope).distinct().all()
+    return [m for (scope,) in scopes for m in list_mosaics(ctx, scope)]
+
+
+def _mosaic_by_id(ctx: AppContext, mosaic_id: int) -> Mosaic:
+    with ctx.db.session() as session:
+        mosaic = session.get(Mosaic, mosaic_id)
+    if mosaic is None:
+        raise web.HTTPNotFound(text="There is no such mosaic.")
+    return mosaic
+
+
+def _mosaic_from(request: web.Request) -> Mosaic:
+    try:
+        mosaic_id = int(request.match_info["mosaic_id"])
+    except ValueError:
+        raise web.HTTPNotFound(text="There is no such mosaic.") from None
+    return _mosaic_by_id(request.app[CTX], mosaic_id)
+
+
+@lru_cache(maxsize=32)
+def _scaled(render: bytes, width: int) -> bytes:
+    # The "light deep zoom": a screen-sized copy first, the full render only when zoomed in.
+    image = Image.open(io.BytesIO(render))
+    if image.width > width:
+        image = image.convert("RGB").resize(
+            (width, round(image.height * width / image.width)), Image.Resampling.LANCZOS
+        )
+    out = io.BytesIO()
+    image.convert("RGB").save(out, "JPEG", quality=88)
+    return out.getvalue()
+
+
+async def index(request: web.Request) -> web.Response:
+    mosaics = await asyncio.to_thread(_all_mosaics, request.app[CTX])
+    items = "\n".join(
+        f'<li><a href="/m/{m.id}"><img src="/media/mosaics/{m.id}/render?w=320" alt="" '
+        f'loading="lazy"><span>{html.escape(m.name)}</span></a>'
+        f"<small>{m.cols}×{m.rows} tiles · {html.escape(m.owner_scope)}</small></li>"
+        for m in mosaics
+    )
+    empty = "<li class=empty>No mosaics yet: run <code>talkmosaic demo</code>.</li>"
+    body = _page("index.html").replace("{{items}}", items or empty)
+    return web.Response(text=body, content_type="text/html")
+
+
+async def mosaic_page(request: web.Request) -> web.Response:
+    mosaic = await asyncio.to_thread(_mosaic_from, request)
+    body = _page("mosaic.html").replace("{{name}}", html.escape(mosaic.name)).replace(
+        "{{id}}", str(mosaic.id)
+    )
+    return web.Response(text=body, content_type="text/html")
+
+
+async def api_mosaics(request: web.Request) -> web.Response:
+    mosaics = await asyncio.to_thread(_all_mosaics, request.app[CTX])
+    return web.json_response([_mosaic_json(m) for m in mosaics])
+
+
+async def api_mosaic(request: web.Request) -> web.Response:
+    mosaic = await asyncio.to_thread(_mosaic_from, request)
+    return web.json_response(_mosaic_json(mosaic))
+
+
+async def render(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    mosaic = await asyncio.to_thread(_mosaic_from, request)
+    data = await asyncio.to_thread(render_bytes, ctx, mosaic)
+    width = request.query.get("w")
+    if width is None:
+        return web.Response(body=data, content_type=_image_type(data))
+    if not width.isdigit() or not 16 <= int(width) <= MAX_VIEW_WIDTH:
+        raise web.HTTPBadRequest(text=f"w must be a width between 16 and {MAX_VIEW_WIDTH}.")
+    scaled = await asyncio.to_thread(_scaled, data, int(width))
+    return web.Response(body=scaled, content_type="image/jpeg")
+
+
+async def _lookup(request: web.Request):
+    ctx = request.app[CTX]
+    mosaic = await asyncio.to_thread(_mosaic_from, request)
+    try:
+        return await asyncio.to_thread(tile_lookup, ctx, mosaic, request.match_info["coord"])
+    except UserError as error:
+        raise web.HTTPBadRequest(text=str(error)) from None
+
+
+async def api_tile(request: web.Request) -> web.Response:
+    found = await _lookup(request)
+    return web.json_response(
+        {
+            "label": found.label,
+            "row": found.row,
+            "col": found.col,
+            "car": found.car_info,
+            "is_original": found.is_original,
+            "note": found.note,
+            "photo": f"{request.path}/photo",
+        }
+    )
+
+
+async def tile_photo(request: web.Request) -> web.Response:
+    found = await _lookup(request)
+    return web.Response(body=found.image_bytes, content_type=found.content_type)
+
+
+async def ask_about_tile(request: web.Request) -> web.Response:
+    queue = request.app.get(QUEUE)
+    if queue is None:
+        raise web.HTTPServiceUnavailable(text="Questions are not taken on this gallery right now.")
+    found = await _lookup(request)
+    form = await request.post()
+    question = str(form.get("question", ""))
+    user = f"web:{request.remote}"
+    try:
+        job = await asyncio.to_thread(
+            queue.submit, "web", user, {"tile": found.label}, found.image_bytes, question
+        )
+    except UserError as error:
+        raise web.HTTPBadRequest(text=str(error)) from None
+    return web.json_response({"job": job.job_id, "position": job.position})
+
+
+async def api_job(request: web.Request) -> web.Response:
+    queue = request.app.get(QUEUE)
+    if queue is None:
+        raise web.HTTPNotFound(text="There is no such question.")
+    try:
+        job_id = int(request.match_info["job_id"])
+    except ValueError:
+        raise web.HTTPNotFound(text="There is no such question.") from None
+    job = await asyncio.to_thread(queue.get, job_id)
+    if job is None or job.platform != "web":
+        raise web.HTTPNotFound(text="There is no such question.")
+    position = await asyncio.to_thread(queue.position, job_id)
+    return web.json_response(
+        {
+            "status": job.status,
+            "position": position,
+            "answer": job.answer,
+            "sources": job.sources or [],
+            "error": job.error,
+        }
+    )
+
+
+def _image_type(data: bytes) -> str:
+    return "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
+
+
+@web.middleware
+async def security_headers(request: web.Request, handler):
+    response = await handler(request)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault(
+        "Content-Security-Policy", "default-src 'self'; img-src 'self' data:; style-src 'self' "
+        "'unsafe-inline'; script-src 'self' 'unsafe-inline'"
+    )
+    return response
+
+
+def make_gallery_app(ctx: AppContext, queue=None) -> web.Application:
+    app = web.Application(middlewares=[security_headers], client_max_size=64 * 1024)
+    app[CTX] = ctx
+    if queue is not None:
+        app[QUEUE] = queue
+    app.add_routes(
+        [
+            web.get("/", index),
+            web.get("/m/{mosaic_id}", mosaic_page),
+            web.get("/api/mosaics", api_mosaics),
+            web.get("/api/mosaics/{mosaic_id}", api_mosaic),
+            web.get("/api/mosaics/{mosaic_id}/tiles/{coord}", api_tile),
+            web.get("/api/mosaics/{mosaic_id}/tiles/{coord}/photo", tile_photo),
+            web.post("/api/mosaics/{mosaic_id}/tiles/{coord}/ask", ask_about_tile),
+            web.get("/api/jobs/{job_id}", api_job),
+            web.get("/media/mosaics/{mosaic_id}/render", render),
+        ]
+    )
+    return app
+
+
+async def start_gallery(
+    ctx: AppContext, host: str | None = None, port: int | None = None, queue=None
+) -> web.AppRunner:
+    """Serve the gallery in the running event loop; returns the runner (call `cleanup()`)."""
+    runner = web.AppRunner(make_gallery_app(ctx, queue), access_log=None)
+    await runner.setup()
+    port = ctx.settings.gallery_port if port is None else port
+    site = web.TCPSite(runner, host or ctx.settings.gallery_host, port)
+    await site.start()
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The port a runner listens on (useful with port 0)."""
+    return runner.addresses[0][1]

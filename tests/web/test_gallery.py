@@ -1,0 +1,177 @@
+"""The web gallery: served on loopback, clicking a tile shows the car photo behind it."""
+
+import io
+import shutil
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+from PIL import Image
+
+from bot.web import bound_port, start_gallery
+from core.gallery import tile_lookup
+from core.library import add_car_photo
+from core.mosaic import MosaicOptions, build_mosaic
+from storage.models import Car, Tile
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _jpeg(rgb: tuple[int, int, int], seed: int) -> bytes:
+    noise = np.random.default_rng(seed).integers(-12, 12, (48, 48, 3))
+    pixels = np.clip(np.array(rgb) + noise, 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=92)
+    return out.getvalue()
+
+
+@pytest.fixture
+def mosaic(ctx):
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        add_car_photo(ctx, _jpeg(colour, i), f"car{i}.jpg", {"make": "Demo", "model": f"M{i}"})
+    target = Image.new("RGB", (160, 120), (30, 90, 40))
+    target.paste((220, 200, 40), (40, 30, 120, 90))
+    out = io.BytesIO()
+    target.save(out, "PNG")
+    options = MosaicOptions(cols=8, tile_px=32, seed=3)
+    return build_mosaic(ctx, out.getvalue(), "meadow", options=options)
+
+
+@pytest.fixture
+async def gallery(ctx, mosaic):
+    runner = await start_gallery(ctx, "127.0.0.1", 0)
+    yield f"http://127.0.0.1:{bound_port(runner)}"
+    await runner.cleanup()
+
+
+def _car_bytes_at(ctx, mosaic, row: int, col: int) -> bytes:
+    with ctx.db.session() as session:
+        tile = session.query(Tile).filter_by(mosaic_id=mosaic.id, row=row, col=col).one()
+        car = session.get(Car, tile.car_id)
+        return ctx.media.read(car.media_key)
+
+
+async def test_gallery_lists_mosaics(gallery, mosaic):
+    async with aiohttp.ClientSession() as http, http.get(gallery + "/") as response:
+        body = await response.text()
+    assert response.status == 200
+    assert "meadow" in body
+    assert f'href="/m/{mosaic.id}"' in body
+
+
+async def test_tile_api_returns_the_original_car(ctx, gallery, mosaic):
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gallery}/api/mosaics/{mosaic.id}/tiles/c2") as response:
+            tile = await response.json()
+        async with http.get(gallery + tile["photo"]) as response:
+            photo = await response.read()
+    assert (tile["label"], tile["row"], tile["col"]) == ("C2", 1, 2)
+    assert tile["is_original"] is True
+    assert tile["car"]["make"] == "Demo"
+    assert photo == _car_bytes_at(ctx, mosaic, 1, 2)
+
+
+async def test_off_grid_tile_is_one_clear_sentence(gallery, mosaic):
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gallery}/api/mosaics/{mosaic.id}/tiles/Z99") as response:
+            text = await response.text()
+    assert response.status == 400
+    assert text.endswith(".") and "\n" not in text.strip()
+
+
+async def test_unknown_mosaic_is_not_found(gallery):
+    async with aiohttp.ClientSession() as http:
+        for path in ("/m/999", "/m/abc", "/api/mosaics/999", "/media/mosaics/999/render"):
+            async with http.get(gallery + path) as response:
+                assert response.status == 404, path
+
+
+async def test_nothing_outside_the_media_store_is_served(gallery, mosaic):
+    async with aiohttp.ClientSession() as http:
+        for path in (
+            "/media/..%2F..%2Fetc%2Fpasswd",
+            "/media/mosaics/1/../../talkmosaic.db",
+            "/static/../talkmosaic.db",
+        ):
+            async with http.get(gallery + path) as response:
+                assert response.status == 404, path
+
+
+async def test_render_is_scaled_for_the_screen(gallery, mosaic):
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gallery}/media/mosaics/{mosaic.id}/render?w=100") as response:
+            small = Image.open(io.BytesIO(await response.read()))
+        async with http.get(f"{gallery}/media/mosaics/{mosaic.id}/render?w=x") as response:
+            assert response.status == 400
+    assert small.width == 100
+
+
+async def test_gallery_is_bound_to_loopback_by_default(ctx):
+    assert ctx.settings.gallery_host == "127.0.0.1"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed")
+async def test_clicking_a_tile_shows_its_car_in_the_browser(ctx, gallery, mosaic):
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )
+        page = await browser.new_page(viewport={"width": 1200, "height": 800})
+        await page.goto(f"{gallery}/m/{mosaic.id}")
+        image = page.locator("#mosaic")
+        await page.wait_for_function("document.getElementById('mosaic').complete "
+                                     "&& document.getElementById('mosaic').naturalWidth > 0")
+        box = await image.bounding_box()
+        cell_w, cell_h = box["width"] / mosaic.cols, box["height"] / mosaic.rows
+        # Middle of tile C2: column C (index 2), row 2 (index 1).
+        await image.click(position={"x": cell_w * 2.5, "y": cell_h * 1.5})
+        photo = page.locator("#car-photo")
+        await photo.wait_for(state="visible")
+        await page.wait_for_function("document.getElementById('car-photo').complete")
+        assert await page.locator("#tile-title").text_content() == "Tile C2"
+        src = await photo.get_attribute("src")
+        shown = await (await page.request.get(gallery + src)).body()
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "gallery-tile-click.png"))
+        await browser.close()
+    assert shown == _car_bytes_at(ctx, mosaic, 1, 2)
+    assert shown == tile_lookup(ctx, mosaic, "C2").image_bytes
+
+
+async def test_asking_about_a_tile_queues_a_job_and_shows_the_answer(ctx, mosaic):
+    from core.worker import AnswerResult, JobQueue, Worker
+
+    seen = []
+
+    def answer(job, progress):
+        seen.append(job.load_image())
+        return AnswerResult("A catalytic converter [1].", [{"title": "Cat", "source": "EEA"}], {})
+
+    queue = JobQueue(ctx)
+    runner = await start_gallery(ctx, "127.0.0.1", 0, queue=queue)
+    base = f"http://127.0.0.1:{bound_port(runner)}/api"
+    try:
+        async with aiohttp.ClientSession() as http:
+            ask = f"{base}/mosaics/{mosaic.id}/tiles/C2/ask"
+            async with http.post(ask, data={"question": "What pollutes?"}) as response:
+                job = await response.json()
+            async with http.post(ask, data={"question": "   "}) as response:
+                empty_status = response.status
+            await Worker(ctx, answer, poll_s=0.01).run_once()
+            async with http.get(f"{base}/jobs/{job['job']}") as response:
+                status = await response.json()
+    finally:
+        await runner.cleanup()
+    assert job["position"] == 1
+    assert empty_status == 400
+    assert status["status"] == "done"
+    assert status["answer"] == "A catalytic converter [1]."
+    assert seen == [_car_bytes_at(ctx, mosaic, 1, 2)]
