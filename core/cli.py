@@ -4,13 +4,26 @@ A handler takes (ctx, args), prints, and returns the exit status; user errors pr
 """
 
 import argparse
+import io
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from PIL import Image
+
 from core.context import AppContext
+from core.demo import describe_car, run_demo
 from core.errors import UserError
+from core.gallery import find_mosaic, list_mosaics, render_bytes, tile_lookup
 from core.library import car_info, ingest_paths, library_stats, list_library
+from core.mosaic import (
+    MosaicOptions,
+    build_mosaic,
+    console_progress,
+    encode_render,
+    format_coordinate,
+    preview_image,
+)
 from core.settings import Settings
 
 
@@ -20,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_library_commands(commands)
+    add_mosaic_commands(commands)
     return parser
 
 
@@ -111,6 +125,130 @@ def library_stats_command(ctx: AppContext, args: argparse.Namespace) -> int:
     for title, counts in (("By fuel", stats.by_fuel), ("By make", stats.by_make[:15])):
         if counts:
             print(f"{title}: " + ", ".join(f"{value or 'unknown'} {n}" for value, n in counts))
+    return 0
+
+
+# mosaic --------------------------------------------------------------------------------------
+
+
+def add_mosaic_commands(commands) -> None:
+    mosaic = commands.add_parser("mosaic", help="build mosaics and look up their tiles")
+    actions = mosaic.add_subparsers(dest="action", required=True, metavar="ACTION")
+    defaults = MosaicOptions()
+
+    build = actions.add_parser("build", help="build a mosaic of TARGET from the car library")
+    build.add_argument("target", type=Path, help="the image to recompose (PNG, JPEG, ...)")
+    build.add_argument("--name", required=True, help="name to look the mosaic up by")
+    build.add_argument("--cols", type=int, default=defaults.cols, help="tiles across")
+    build.add_argument("--tile", type=int, default=defaults.tile_px, metavar="PX",
+                       help="tile size in the render")
+    build.add_argument("--max-uses", type=int, default=defaults.max_uses, metavar="K",
+                       help="copies allowed of one photo (default: no limit)")
+    build.add_argument("--spacing", type=int, default=defaults.spacing, metavar="R",
+                       help="copies of a photo are more than R tiles apart")
+    build.add_argument("--blend", type=float, default=defaults.blend, metavar="A",
+                       help="0..1 mix of each tile with its target cell's colour")
+    build.add_argument("--shift", type=float, default=defaults.shift, metavar="S",
+                       help="0..1 move of each tile's mean colour onto its cell's")
+    build.add_argument("--adapt", type=float, default=defaults.adapt, metavar="S",
+                       help="0..1 map of the target's colours onto the library's before matching")
+    build.add_argument("--seed", type=int, default=defaults.seed, metavar="S")
+    build.add_argument("--out", type=Path, metavar="FILE",
+                       help="also write the render (PNG or JPEG by extension)")
+    build.add_argument("--preview", type=Path, metavar="FILE",
+                       help="also write the labelled chat preview (JPEG)")
+    build.set_defaults(handler=mosaic_build)
+
+    actions.add_parser("list", help="list mosaics, newest first").set_defaults(
+        handler=mosaic_list
+    )
+
+    show = actions.add_parser("show", help="what is stored for one mosaic")
+    show.add_argument("name")
+    show.set_defaults(handler=mosaic_show)
+
+    tile = actions.add_parser("tile", help="the car photo behind a tile, e.g. C7 or 3,7")
+    tile.add_argument("name")
+    tile.add_argument("coordinate", help="column letters + row number (C7), or row,column (3,7)")
+    tile.add_argument("--out", type=Path, metavar="FILE", help="write the photo there")
+    tile.set_defaults(handler=mosaic_tile)
+
+    demo = commands.add_parser("demo", help="demo library + mosaic of the bundled animal")
+    demo.set_defaults(handler=demo_command)
+
+
+def demo_command(ctx: AppContext, args: argparse.Namespace) -> int:
+    run_demo(ctx)
+    return 0
+
+
+def mosaic_build(ctx: AppContext, args: argparse.Namespace) -> int:
+    if not args.target.is_file():
+        print(f"error: {args.target} does not exist.", file=sys.stderr)
+        return 1
+    try:
+        options = MosaicOptions(
+            cols=args.cols, tile_px=args.tile, max_uses=args.max_uses, spacing=args.spacing,
+            blend=args.blend, shift=args.shift, adapt=args.adapt, seed=args.seed,
+        ).checked()
+    except ValueError as error:
+        print(f"error: {error}.", file=sys.stderr)
+        return 2
+    mosaic = build_mosaic(ctx, args.target.read_bytes(), args.name, options=options,
+                          progress=console_progress())
+    stats = mosaic.settings["stats"]
+    print(f'Built "{mosaic.name}": {mosaic.cols} x {mosaic.rows} tiles from '
+          f"{stats['distinct_photos']} of {stats['library_photos']} photos "
+          f"in {stats['build_s']:.2f} s.")
+    if args.out:
+        _write_render(ctx, mosaic, args.out)
+        print(f"Render: {args.out}")
+    if args.preview:
+        args.preview.write_bytes(preview_image(ctx, mosaic))
+        print(f"Preview: {args.preview}")
+    return 0
+
+
+def _write_render(ctx: AppContext, mosaic, path: Path) -> None:
+    data = render_bytes(ctx, mosaic)
+    if path.suffix.lower() == ".png":
+        data = encode_render(Image.open(io.BytesIO(data)).convert("RGB"), "PNG")
+    path.write_bytes(data)
+
+
+def mosaic_list(ctx: AppContext, args: argparse.Namespace) -> int:
+    mosaics = list_mosaics(ctx)
+    if not mosaics:
+        print("No mosaics yet: build one with `talkmosaic mosaic build` or `talkmosaic demo`.")
+    for mosaic in mosaics:
+        size = f"{mosaic.cols} x {mosaic.rows} tiles"
+        print(f"{mosaic.name:<24} {size:<18} {mosaic.created_at:%Y-%m-%d %H:%M}")
+    return 0
+
+
+def mosaic_show(ctx: AppContext, args: argparse.Namespace) -> int:
+    mosaic = find_mosaic(ctx, args.name)
+    stats, options = mosaic.settings.get("stats", {}), mosaic.settings.get("options", {})
+    print(f"{mosaic.name}: {mosaic.cols} x {mosaic.rows} tiles of {mosaic.tile_px} px "
+          f"(A1 to {format_coordinate(mosaic.rows - 1, mosaic.cols - 1)})")
+    print(f"  render: {ctx.media.path(mosaic.render_media_key)}")
+    print(f"  built {mosaic.created_at:%Y-%m-%d %H:%M} by {mosaic.created_by or 'the CLI'}")
+    print("  options: " + ", ".join(f"{key}={value}" for key, value in options.items()))
+    print("  stats: " + ", ".join(f"{key}={value}" for key, value in stats.items()))
+    return 0
+
+
+def mosaic_tile(ctx: AppContext, args: argparse.Namespace) -> int:
+    found = tile_lookup(ctx, find_mosaic(ctx, args.name), args.coordinate)
+    print(f"{found.label}: {describe_car(found.car_info)}")
+    for key, value in (found.car_info or {}).items():
+        if value is not None and key != "id":
+            print(f"  {key}: {value}")
+    if found.note:
+        print(f"  note: {found.note}")
+    if args.out:
+        args.out.write_bytes(found.image_bytes)
+        print(f"Photo ({found.content_type}): {args.out}")
     return 0
 
 
