@@ -1,0 +1,209 @@
+"""The Slack adapter (slack-bolt, async): `/mosaic build|show|list|tile`, thread replies such as
+`C7` under a mosaic, and photos shared with a question that mentions the app.
+
+Listeners ack() first (Slack wants it within 3 s), then do the work. A mosaic is posted as a
+message with its preview uploaded into that message's thread, where tile replies go.
+"""
+
+import logging
+import re
+
+import aiohttp
+from slack_bolt.async_app import AsyncApp
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.commands import Commands, JobUpdates, Reply, check_attachment, error_reply, is_coordinate
+from core.errors import BadImage, UserError
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "slack"
+USAGE = (
+    "Usage: /mosaic build NAME [COLUMNS] (uses the last image you shared here), "
+    "/mosaic show NAME, /mosaic list, /mosaic tile NAME C7."
+)
+MENTION = re.compile(r"<@[A-Z0-9]+>")
+# How far back /mosaic build looks for the user's last image.
+HISTORY_LIMIT = 50
+
+
+def scope_of(team_id: str | None) -> str:
+    return f"slack:{team_id or 'unknown'}"
+
+
+class SlackFiles:
+    """Downloads `url_private` files with the bot token, and only if Slack says it is an image.
+
+    Slack answers a request it cannot authorise with its HTML sign-in page and status 200, so
+    the content type is what tells a photo from a page."""
+
+    def __init__(self, bot_token: str, max_bytes: int):
+        self._headers = {"Authorization": f"Bearer {bot_token}"}
+        self.max_bytes = max_bytes
+        self._session: aiohttp.ClientSession | None = None
+
+    async def download(self, file: dict) -> bytes:
+        check_attachment(file.get("mimetype"), file.get("size"), self.max_bytes)
+        url = file.get("url_private_download") or file.get("url_private")
+        if not url:
+            raise BadImage("That file has no download link; please share it again.")
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+        async with self._session.get(url, headers=self._headers) as response:
+            content_type = response.headers.get("Content-Type", "")
+            if response.status != 200 or not content_type.lower().startswith("image/"):
+                raise BadImage("That file could not be downloaded as an image; "
+                               "please share a JPEG, PNG or WebP photo.")
+            data = await response.content.read(self.max_bytes + 1)
+        check_attachment(content_type, len(data), self.max_bytes)
+        return data
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def make_slack_app(
+    commands: Commands,
+    updates: JobUpdates,
+    *,
+    client: AsyncWebClient,
+    signing_secret: str | None = None,
+    files: SlackFiles | None = None,
+) -> AsyncApp:
+    """The bolt app. HTTP mode verifies requests with `signing_secret`; Socket Mode needs none."""
+    settings = commands.ctx.settings
+    app = AsyncApp(
+        client=client,
+        signing_secret=signing_secret or "",
+        request_verification_enabled=bool(signing_secret),
+    )
+    files = files or SlackFiles(client.token, settings.max_upload_bytes)
+    max_bytes = settings.preview_max_bytes
+
+    async def post(channel: str, user: str, reply: Reply, thread_ts: str | None = None) -> None:
+        if reply.ephemeral:
+            await client.chat_postEphemeral(channel=channel, user=user, text=reply.text,
+                                            thread_ts=thread_ts)
+            return
+        if reply.mosaic_id is not None:
+            hint = " Reply in this thread with a tile such as C7 to see its car."
+            posted = await client.chat_postMessage(channel=channel, text=reply.text + hint)
+            thread_ts = posted["ts"]
+            await commands.remember(PLATFORM, channel, thread_ts, reply.mosaic_id)
+            await upload(channel, thread_ts, reply, comment=None)
+            return
+        if reply.files:
+            await upload(channel, thread_ts, reply, comment=reply.text)
+        else:
+            await client.chat_postMessage(channel=channel, text=reply.text, thread_ts=thread_ts)
+
+    async def upload(channel: str, thread_ts: str | None, reply: Reply,
+                     comment: str | None) -> None:
+        uploads = [{"file": data, "filename": name, "title": name} for name, data in reply.files]
+        await client.files_upload_v2(file_uploads=uploads, channel=channel, thread_ts=thread_ts,
+                                     initial_comment=comment)
+
+    async def latest_image(channel: str, user: str) -> dict:
+        history = await client.conversations_history(channel=channel, limit=HISTORY_LIMIT)
+        for message in history.get("messages", []):
+            if message.get("user") != user:
+                continue
+            for file in message.get("files", []):
+                if (file.get("mimetype") or "").startswith("image/"):
+                    return file
+        raise BadImage("Share an image in this channel first, then run /mosaic build NAME.")
+
+    @app.command("/mosaic")
+    async def mosaic_command(ack, command: dict) -> None:
+        await ack()
+        channel, user = command["channel_id"], command["user_id"]
+        scope = scope_of(command.get("team_id"))
+        words = (command.get("text") or "").split()
+        verb, args = (words[0].lower(), words[1:]) if words else ("", [])
+        try:
+            if verb == "build" and args:
+                columns = None
+                if len(args) > 1 and args[-1].isdigit():
+                    columns, args = int(args[-1]), args[:-1]
+                target = await files.download(await latest_image(channel, user))
+                reply = await commands.build(scope, f"{PLATFORM}:{user}", target, " ".join(args),
+                                             columns, max_bytes)
+            elif verb == "show" and args:
+                reply = await commands.show(scope, f"{PLATFORM}:{user}", " ".join(args), max_bytes)
+            elif verb == "list":
+                reply = await commands.mosaics(scope)
+            elif verb == "tile" and len(args) >= 2:
+                reply = await commands.tile(scope, " ".join(args[:-1]), args[-1], max_bytes)
+            else:
+                reply = Reply(USAGE, ephemeral=True)
+        except UserError as error:
+            reply = error_reply(error)
+        await post(channel, user, reply)
+
+    @app.event("message")
+    async def thread_reply(event: dict) -> None:
+        """A reply such as C7 in the thread of a mosaic message."""
+        thread_ts, text = event.get("thread_ts"), event.get("text") or ""
+        if event.get("bot_id") or event.get("subtype") or not thread_ts:
+            return
+        if thread_ts == event.get("ts") or not is_coordinate(text):
+            return
+        channel = event["channel"]
+        reply = await commands.tile_for_message(PLATFORM, channel, thread_ts, text, max_bytes)
+        if reply is not None:
+            await post(channel, event["user"], reply, thread_ts=thread_ts)
+
+    @app.event("app_mention")
+    async def question_about_photo(event: dict) -> None:
+        """A photo shared with a question that mentions the app: queued, answered in thread."""
+        channel, user = event["channel"], event["user"]
+        thread_ts = event.get("thread_ts") or event["ts"]
+        question = " ".join(MENTION.sub(" ", event.get("text") or "").split())
+        photos = [f for f in event.get("files", [])
+                  if (f.get("mimetype") or "").startswith("image/")]
+        if not photos:
+            if event.get("files"):
+                await post(channel, user, error_reply(BadImage(
+                    "That file is not an image: share a JPEG, PNG or WebP photo.")), thread_ts)
+            return
+        try:
+            image = await files.download(photos[0])
+        except UserError as error:
+            await post(channel, user, error_reply(error), thread_ts)
+            return
+        reply_to = {"channel": channel, "thread_ts": thread_ts, "user": user}
+
+        async def show(text: str) -> SlackStatus:
+            posted = await client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=text)
+            return SlackStatus(client, channel, thread_ts, posted["ts"])
+
+        reply = await updates.follow(commands.ask(PLATFORM, user, reply_to, image, question), show)
+        if reply.job_id is None:
+            await post(channel, user, reply, thread_ts)
+
+    async def answer_without_status(job, text: str) -> None:
+        where = job.reply_to or {}
+        if where.get("channel"):
+            await client.chat_postMessage(channel=where["channel"], text=text,
+                                          thread_ts=where.get("thread_ts"))
+
+    updates.add_fallback(PLATFORM, answer_without_status)
+    return app
+
+
+class SlackStatus:
+    """A job's status as a message in the asker's thread (edited), then the answer below it."""
+
+    def __init__(self, client: AsyncWebClient, channel: str, thread_ts: str, status_ts: str):
+        self.client = client
+        self.channel = channel
+        self.thread_ts = thread_ts
+        self.status_ts = status_ts
+
+    async def update(self, text: str) -> None:
+        await self.client.chat_update(channel=self.channel, ts=self.status_ts, text=text)
+
+    async def finish(self, text: str) -> None:
+        await self.client.chat_postMessage(channel=self.channel, thread_ts=self.thread_ts,
+                                           text=text)

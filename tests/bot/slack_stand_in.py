@@ -1,0 +1,171 @@
+"""A local stand-in for the Slack Web API (aiohttp on 127.0.0.1), as bolt-python's own tests use:
+it answers the methods the app calls, serves `url_private` files, takes file uploads, and
+records every call in arrival order. Plus signed request builders for slash commands and events.
+"""
+
+import asyncio
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlencode
+
+from aiohttp import web
+from slack_bolt.request.async_request import AsyncBoltRequest
+from slack_sdk.signature import SignatureVerifier
+
+SIGNING_SECRET = "test-signing-secret"
+BOT_TOKEN = "xoxb-test-token"
+TEAM_ID = "T0TEAM"
+CHANNEL = "C0CHANNEL"
+USER = "U0ALICE"
+BOT_USER = "U0BOT"
+
+_ts = itertools.count(1)
+
+
+def next_ts() -> str:
+    return f"{1_790_000_000 + next(_ts)}.000100"
+
+
+@dataclass
+class Call:
+    method: str  # Web API method ("chat.postMessage"), or "GET /files/x", "POST /upload/F1"
+    args: dict
+    headers: dict
+    body: bytes = b""
+    at: float = field(default_factory=time.perf_counter)
+    response: dict | None = None
+
+
+class SlackStandIn:
+    def __init__(self):
+        self.calls: list[Call] = []
+        self.files: dict[str, tuple[bytes, str]] = {}
+        self.history: list[dict] = []
+        self.base_url = ""
+        self._uploads = itertools.count(1)
+        self._changed = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> "SlackStandIn":
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/files/{name}", self._file)
+        app.router.add_post("/upload/{file_id}", self._upload)
+        app.router.add_route("*", "/api/{method}", self._api)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        return self
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    def serve_file(self, name: str, data: bytes, content_type: str, mimetype: str = "") -> dict:
+        """Serve bytes at a url_private; returns the Slack file object pointing at it."""
+        self.files[name] = (data, content_type)
+        return {"id": f"F{name}", "name": name, "mimetype": mimetype or content_type,
+                "size": len(data), "url_private": f"{self.base_url}/files/{name}"}
+
+    def api(self, method: str) -> list[Call]:
+        return [c for c in self.calls if c.method == method]
+
+    async def wait_for(self, condition, timeout: float = 30.0):
+        async with asyncio.timeout(timeout):
+            while not (result := condition(self.calls)):
+                self._changed.clear()
+                await self._changed.wait()
+        return result
+
+    def uploaded(self) -> list[tuple[Call, Call]]:
+        """(completeUploadExternal call, raw upload call) pairs, one per uploaded file."""
+        raw = {c.method.split("/")[-1]: c for c in self.calls
+               if c.method.startswith("POST /upload/")}
+        pairs = []
+        for complete in self.api("files.completeUploadExternal"):
+            for entry in json.loads(complete.args["files"]):
+                pairs.append((complete, raw[entry["id"]]))
+        return pairs
+
+    def _record(self, call: Call) -> None:
+        self.calls.append(call)
+        self._changed.set()
+
+    async def _file(self, request: web.Request) -> web.Response:
+        self._record(Call(f"GET {request.path}", {}, dict(request.headers)))
+        data, content_type = self.files[request.match_info["name"]]
+        if request.headers.get("Authorization") != f"Bearer {BOT_TOKEN}":
+            return web.Response(text="<html>sign in</html>", content_type="text/html")
+        return web.Response(body=data, headers={"Content-Type": content_type})
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self._record(Call(f"POST /upload/{request.match_info['file_id']}", {},
+                          dict(request.headers), body))
+        return web.Response(text=f"OK - {len(body)}")
+
+    async def _api(self, request: web.Request) -> web.Response:
+        # The SDK sends some arguments in the query string (params=), others in the body.
+        args = dict(request.query)
+        if request.content_type == "application/json":
+            args.update(await request.json())
+        elif request.can_read_body:
+            args.update(await request.post())
+        method = request.match_info["method"]
+        call = Call(method, args, dict(request.headers))
+        call.response = {"ok": True, **self._answer(method, args)}
+        self._record(call)
+        return web.json_response(call.response)
+
+    def _answer(self, method: str, args: dict) -> dict:
+        if method == "auth.test":
+            return {"url": "https://test.slack.com/", "team": "Test", "user": "talkmosaic",
+                    "team_id": TEAM_ID, "user_id": BOT_USER, "bot_id": "B0BOT"}
+        if method in ("chat.postMessage", "chat.update"):
+            ts = args.get("ts") or next_ts()
+            return {"channel": args.get("channel"), "ts": ts,
+                    "message": {"text": args.get("text"), "ts": ts}}
+        if method == "chat.postEphemeral":
+            return {"message_ts": next_ts()}
+        if method == "files.getUploadURLExternal":
+            file_id = f"F{next(self._uploads):04d}"
+            return {"upload_url": f"{self.base_url}/upload/{file_id}", "file_id": file_id}
+        if method == "files.completeUploadExternal":
+            return {"files": [{"id": f["id"], "title": f.get("title")}
+                              for f in json.loads(args["files"])]}
+        if method == "conversations.history":
+            return {"messages": self.history, "has_more": False}
+        return {}
+
+
+def _signed(body: str, content_type: str) -> AsyncBoltRequest:
+    timestamp = str(int(time.time()))
+    signature = SignatureVerifier(SIGNING_SECRET).generate_signature(
+        timestamp=timestamp, body=body
+    )
+    return AsyncBoltRequest(body=body, headers={
+        "content-type": [content_type],
+        "x-slack-signature": [signature],
+        "x-slack-request-timestamp": [timestamp],
+    })
+
+
+def slash_command(text: str, command: str = "/mosaic") -> AsyncBoltRequest:
+    body = urlencode({
+        "token": "legacy", "team_id": TEAM_ID, "team_domain": "test", "channel_id": CHANNEL,
+        "channel_name": "mosaics", "user_id": USER, "user_name": "alice", "command": command,
+        "text": text, "api_app_id": "A0APP", "response_url": "http://127.0.0.1:9/unused",
+        "trigger_id": "1.2.3",
+    })
+    return _signed(body, "application/x-www-form-urlencoded")
+
+
+def event_callback(event: dict) -> AsyncBoltRequest:
+    body = json.dumps({
+        "token": "legacy", "team_id": TEAM_ID, "api_app_id": "A0APP", "event": event,
+        "type": "event_callback", "event_id": f"Ev{next_ts()}", "event_time": int(time.time()),
+        "authorizations": [{"team_id": TEAM_ID, "user_id": BOT_USER, "is_bot": True}],
+    })
+    return _signed(body, "application/json")

@@ -1,0 +1,216 @@
+"""The Slack adapter: signed requests dispatched to the bolt app, whose AsyncWebClient talks to a
+local Web API stand-in that records every call (uploads through files_upload_v2 included).
+"""
+
+import time
+
+import pytest
+from slack_bolt.context.ack.async_ack import AsyncAck
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.slack_app import make_slack_app
+from core.mosaic import preview_image
+from storage.messages import mosaic_for_message
+from storage.models import Job
+from tests.bot.conftest import MOSAIC_NAME, car_at, fox_image
+from tests.bot.slack_stand_in import (
+    BOT_TOKEN,
+    BOT_USER,
+    CHANNEL,
+    SIGNING_SECRET,
+    USER,
+    SlackStandIn,
+    event_callback,
+    next_ts,
+    slash_command,
+)
+
+
+@pytest.fixture
+async def stand_in():
+    server = await SlackStandIn().start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def app(stand_in, commands, updates):
+    client = AsyncWebClient(token=BOT_TOKEN, base_url=f"{stand_in.base_url}/api/")
+    return make_slack_app(commands, updates, client=client, signing_secret=SIGNING_SECRET)
+
+
+@pytest.fixture(autouse=True)
+def ack_times(monkeypatch) -> list[float]:
+    """When each listener called ack() (events are acked by bolt itself, before listeners)."""
+    times: list[float] = []
+    original = AsyncAck.__call__
+
+    async def timed(self, *args, **kwargs):
+        times.append(time.perf_counter())
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncAck, "__call__", timed)
+    return times
+
+
+async def dispatch(app, request) -> float:
+    """Dispatch a signed request; returns when it was acknowledged (under 3 s after arrival)."""
+    started = time.perf_counter()
+    response = await app.async_dispatch(request)
+    returned = time.perf_counter()
+    assert response.status == 200
+    assert returned - started < 3.0
+    return returned
+
+
+def work_after(stand_in: SlackStandIn, ack_times: list[float]) -> None:
+    """The listener acked before anything slow (downloads, uploads, messages)."""
+    [acked] = ack_times
+    early = [c.method for c in stand_in.calls if c.at < acked and c.method != "auth.test"]
+    assert early == []
+
+
+async def test_a_request_with_a_bad_signature_is_refused(app, stand_in):
+    request = slash_command("list")
+    request.headers["x-slack-signature"] = ["v0=" + "0" * 64]
+    response = await app.async_dispatch(request)
+    assert response.status == 401
+    assert not [c for c in stand_in.calls if c.method != "auth.test"]
+
+
+async def test_show_posts_the_mosaic_and_uploads_its_preview_in_its_thread(
+    app, stand_in, ack_times, ctx, mosaic
+):
+    await dispatch(app, slash_command(f"show {MOSAIC_NAME}"))
+    [(complete, raw)] = await stand_in.wait_for(lambda _: stand_in.uploaded())
+    work_after(stand_in, ack_times)
+    [posted] = stand_in.api("chat.postMessage")
+    assert posted.args["text"].startswith(f"Mosaic {MOSAIC_NAME}: 10x10 tiles")
+    thread_ts = posted.response["ts"]
+    assert complete.args["thread_ts"] == thread_ts and complete.args["channel_id"] == CHANNEL
+    assert raw.body == preview_image(ctx, mosaic, ctx.settings.preview_max_bytes)
+    with ctx.db.session() as session:
+        shown = mosaic_for_message(session, "slack", CHANNEL, thread_ts)
+    assert shown.id == mosaic.id
+
+
+async def test_build_uses_the_users_last_image_downloaded_with_the_bot_token(
+    app, stand_in, ack_times, car_library
+):
+    target = stand_in.serve_file("owl.png", fox_image(90), "image/png")
+    stand_in.history = [
+        {"type": "message", "user": "U0BOB", "ts": next_ts(), "files": [
+            stand_in.serve_file("other.png", b"not used", "image/png")]},
+        {"type": "message", "user": USER, "ts": next_ts(), "files": [target]},
+    ]
+    await dispatch(app, slash_command("build owl 8"))
+    [(_complete, raw)] = await stand_in.wait_for(lambda _: stand_in.uploaded())
+    work_after(stand_in, ack_times)
+    [download] = [c for c in stand_in.calls if c.method.startswith("GET /files/")]
+    assert download.method == "GET /files/owl.png"
+    assert download.headers["Authorization"] == f"Bearer {BOT_TOKEN}"
+    assert stand_in.api("chat.postMessage")[0].args["text"].startswith("Built owl: 8x8 tiles")
+    assert raw.body[:3] == b"\xff\xd8\xff"
+
+
+async def test_build_without_a_shared_image_says_so_privately(app, stand_in, car_library):
+    await dispatch(app, slash_command("build owl"))
+    [error] = await stand_in.wait_for(lambda _: stand_in.api("chat.postEphemeral"))
+    assert error.args["user"] == USER
+    assert error.args["text"].startswith("Share an image in this channel first")
+
+
+async def test_a_thread_reply_c7_under_a_mosaic_uploads_that_cars_photo(
+    app, stand_in, ctx, mosaic
+):
+    await dispatch(app, slash_command(f"show {MOSAIC_NAME}"))
+    await stand_in.wait_for(lambda _: stand_in.uploaded())
+    thread_ts = stand_in.api("chat.postMessage")[0].response["ts"]
+    await dispatch(app, event_callback({
+        "type": "message", "channel": CHANNEL, "user": USER, "text": "C7",
+        "ts": next_ts(), "thread_ts": thread_ts,
+    }))
+    uploads = await stand_in.wait_for(lambda _: uploads_so_far(stand_in, 2))
+    complete, raw = uploads[1]
+    assert raw.body == car_at(ctx, mosaic, row=6, col=2)
+    assert complete.args["thread_ts"] == thread_ts
+    assert complete.args["initial_comment"].startswith(f"C7 of {MOSAIC_NAME}:")
+
+
+async def test_a_coordinate_outside_a_mosaic_thread_is_ignored(app, stand_in, mosaic):
+    await dispatch(app, event_callback({
+        "type": "message", "channel": CHANNEL, "user": USER, "text": "C7",
+        "ts": next_ts(), "thread_ts": next_ts(),
+    }))
+    await dispatch(app, slash_command("list"))
+    await stand_in.wait_for(lambda _: stand_in.api("chat.postMessage"))
+    assert not stand_in.api("files.getUploadURLExternal")
+
+
+async def test_a_bad_coordinate_is_one_ephemeral_sentence(app, stand_in, ack_times, mosaic):
+    await dispatch(app, slash_command(f"tile {MOSAIC_NAME} Z99"))
+    [error] = await stand_in.wait_for(lambda _: stand_in.api("chat.postEphemeral"))
+    work_after(stand_in, ack_times)
+    assert error.args["user"] == USER and error.args["channel"] == CHANNEL
+    assert error.args["text"].startswith("Z99 is off the grid")
+    assert not stand_in.api("files.getUploadURLExternal")
+
+
+async def test_tile_command_uploads_the_car(app, stand_in, ctx, mosaic):
+    await dispatch(app, slash_command(f"tile {MOSAIC_NAME} b3"))
+    [(_complete, raw)] = await stand_in.wait_for(lambda _: stand_in.uploaded())
+    assert raw.body == car_at(ctx, mosaic, row=2, col=1)
+
+
+async def test_unknown_subcommand_shows_the_usage_privately(app, stand_in):
+    await dispatch(app, slash_command("paint"))
+    [usage] = await stand_in.wait_for(lambda _: stand_in.api("chat.postEphemeral"))
+    assert usage.args["text"].startswith("Usage: /mosaic build NAME")
+
+
+def posted_messages(stand_in: SlackStandIn, at_least: int) -> list:
+    posts = stand_in.api("chat.postMessage")
+    return posts if len(posts) >= at_least else []
+
+
+def uploads_so_far(stand_in: SlackStandIn, at_least: int) -> list:
+    uploads = stand_in.uploaded()
+    return uploads if len(uploads) >= at_least else []
+
+
+def mention(stand_in, text: str, files: list[dict]) -> dict:
+    return {"type": "app_mention", "channel": CHANNEL, "user": USER, "text": text,
+            "ts": next_ts(), "files": files}
+
+
+async def test_a_photo_with_a_question_mentioning_the_app_is_answered_in_its_thread(
+    app, stand_in, worker, vehicle_photos
+):
+    photo = stand_in.serve_file("car.jpg", vehicle_photos[0].read_bytes(), "image/jpeg")
+    event = mention(stand_in, f"<@{BOT_USER}> which parts of this car pollute?", [photo])
+    await dispatch(app, event_callback(event))
+    status, answer = await stand_in.wait_for(lambda _: posted_messages(stand_in, at_least=2))
+    assert "next in line" in status.args["text"] or "in the queue" in status.args["text"]
+    assert status.args["thread_ts"] == event["ts"] == answer.args["thread_ts"]
+    assert answer.args["text"] == "Fake answer to: which parts of this car pollute?"
+    edits = stand_in.api("chat.update")
+    assert edits and all(e.args["ts"] == status.response["ts"] for e in edits)
+
+
+async def test_a_url_private_that_is_not_an_image_is_refused(app, stand_in, worker, ctx):
+    # Slack's sign-in page, or any non-image, served where a photo was announced.
+    page = stand_in.serve_file("car.jpg", b"<html>sign in</html>", "text/html",
+                               mimetype="image/jpeg")
+    await dispatch(app, event_callback(mention(stand_in, f"<@{BOT_USER}> what car?", [page])))
+    [error] = await stand_in.wait_for(lambda _: stand_in.api("chat.postEphemeral"))
+    assert "could not be downloaded as an image" in error.args["text"]
+    with ctx.db.session() as session:
+        assert session.query(Job).count() == 0
+
+
+async def test_a_file_announced_as_not_an_image_is_not_downloaded(app, stand_in, worker):
+    pdf = stand_in.serve_file("doc.pdf", b"%PDF-1.7", "application/pdf")
+    await dispatch(app, event_callback(mention(stand_in, f"<@{BOT_USER}> what car?", [pdf])))
+    [error] = await stand_in.wait_for(lambda _: stand_in.api("chat.postEphemeral"))
+    assert "not an image" in error.args["text"]
+    assert not [c for c in stand_in.calls if c.method.startswith("GET /files/")]
