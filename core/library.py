@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from sqlalchemy.exc import IntegrityError
 from tqdm import tqdm
 
 from core.context import AppContext
@@ -39,6 +40,7 @@ _TEXT_LIMITS = {"make": 80, "model": 120, "fuel": 40, "emission_standard": 40, "
 class IngestReport:
     added: int = 0
     skipped_duplicates: int = 0
+    labels_updated: int = 0  # photos already in the library whose labels changed
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     label_problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -218,11 +220,14 @@ def ingest_paths(
             with ctx.db.session() as session:
                 seen |= car_rows.known_shas(session, [sha for _, sha, _ in read if sha])
             fresh: list[tuple[Path, bytes]] = []
+            relabel: dict[str, dict] = {}
             for path, (data, sha, reason) in zip(batch, read, strict=True):
                 if reason:
                     report.failed.append((str(path), reason))
                 elif sha in seen:
                     report.skipped_duplicates += 1
+                    if labels.get(path.name):
+                        relabel[sha] = labels[path.name]
                 else:
                     seen.add(sha)
                     fresh.append((path, data))
@@ -241,13 +246,31 @@ def ingest_paths(
                     report.failed.append((str(path), reason))
                     continue
                 rows.append({**columns, "file_name": path.name[:255], **labels.get(path.name, {})})
-            if rows:
+            if relabel:
                 with ctx.db.session() as session:
-                    car_rows.add_cars(session, rows)
-                report.added += len(rows)
+                    report.labels_updated += car_rows.update_metadata(session, relabel)
+            report.added += _insert(ctx, rows, report)
             bar.update(len(batch))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _insert(ctx: AppContext, rows: list[dict], report: IngestReport) -> int:
+    """Insert one batch in one transaction; returns how many cars were added."""
+    if not rows:
+        return 0
+    try:
+        with ctx.db.session() as session:
+            car_rows.add_cars(session, rows)
+        return len(rows)
+    except IntegrityError:
+        # Another process added some of these photos since we looked: keep the rest.
+        with ctx.db.session() as session:
+            known = car_rows.known_shas(session, [row["sha256"] for row in rows])
+            new = [row for row in rows if row["sha256"] not in known]
+            car_rows.add_cars(session, new)
+        report.skipped_duplicates += len(rows) - len(new)
+        return len(new)
 
 
 def _executor(workers: int | None) -> Executor:

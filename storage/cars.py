@@ -31,6 +31,20 @@ def add_cars(session: Session, rows: list[dict]) -> list[Car]:
     return cars
 
 
+def update_metadata(session: Session, by_sha: dict[str, dict]) -> int:
+    """Set metadata columns on the cars with these hashes; returns how many cars changed."""
+    changed = 0
+    for start in range(0, len(by_sha), 500):
+        part = list(by_sha)[start : start + 500]
+        for car in session.scalars(select(Car).where(Car.sha256.in_(part))):
+            values = by_sha[car.sha256]
+            if any(getattr(car, name) != value for name, value in values.items()):
+                for name, value in values.items():
+                    setattr(car, name, value)
+                changed += 1
+    return changed
+
+
 def count_cars(session: Session) -> int:
     return session.scalar(select(func.count(Car.id))) or 0
 

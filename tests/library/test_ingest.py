@@ -177,3 +177,31 @@ def test_real_car_photos_are_ingested(ctx, vehicle_photos):
     assert index.features.shape == (50, 48) and np.isfinite(index.features).all()
     # Real car photos are mostly white, grey and black, yet not all the same colour.
     assert index.features[:, 0::3].std() > 5
+
+
+def test_labels_given_later_update_photos_already_added(ctx, photo_dir, tmp_path):
+    ingest_paths(ctx, photo_dir, progress=False)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,make,fuel\ncar02.jpg,Renault,electric\n")
+    report = ingest_paths(ctx, photo_dir, labels, progress=False)
+    assert (report.added, report.labels_updated) == (0, 1)
+    assert library_stats(ctx).by_make == [(None, 9), ("Renault", 1)]
+    assert ingest_paths(ctx, photo_dir, labels, progress=False).labels_updated == 0
+
+
+def test_photos_added_meanwhile_by_another_process_are_counted_as_known(
+    ctx, photo_dir, monkeypatch
+):
+    real_known = car_rows.known_shas
+    racing = [True]
+
+    def known_then_raced(session, shas):
+        found = real_known(session, shas)
+        if racing.pop() if racing else False:
+            add_car_photo(ctx, (photo_dir / "car05.jpg").read_bytes(), "car05.jpg")
+        return found
+
+    monkeypatch.setattr(car_rows, "known_shas", known_then_raced)
+    report = ingest_paths(ctx, photo_dir, progress=False)
+    assert (report.added, report.skipped_duplicates) == (9, 1)
+    assert count(ctx) == 10
