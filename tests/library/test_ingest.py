@@ -83,11 +83,11 @@ def test_unreadable_files_are_reported_and_the_rest_added(ctx, photo_dir):
 
 
 def test_oversized_files_are_reported_without_being_read(ctx, photo_dir, monkeypatch):
-    monkeypatch.setattr(ctx.settings, "max_upload_bytes", 1000)
-    (photo_dir / "huge.jpg").write_bytes(photo_bytes(5, size=(400, 400)) + b"\0" * 2000)
+    monkeypatch.setattr(ctx.settings, "max_upload_bytes", 1 << 20)
+    (photo_dir / "huge.jpg").write_bytes(photo_bytes(5) + b"\0" * (1 << 20))
     report = ingest_paths(ctx, [photo_dir / "huge.jpg", photo_dir / "missing.jpg"], progress=False)
     assert report.added == 0
-    assert [reason for _, reason in report.failed] == ["larger than 0 MiB", "file not found"]
+    assert [reason for _, reason in report.failed] == ["larger than 1 MiB", "file not found"]
 
 
 def test_labels_csv_metadata_is_applied_by_file_name(ctx, photo_dir, tmp_path):
