@@ -1,0 +1,176 @@
+"""The platform-agnostic command layer: replies, errors as one sentence, cooldowns, remembered
+mosaic messages, job status routing, and `python -m bot`'s start-up and shutdown."""
+
+import asyncio
+import io
+
+import pytest
+from PIL import Image
+from pydantic import SecretStr
+
+from bot.__main__ import serve, start_slack
+from bot.commands import Commands, Cooldowns, Reply, is_coordinate, shrink_jpeg
+from storage.models import Job
+from tests.bot.conftest import MOSAIC_NAME, car_at, fake_answer, fox_image
+
+LIMIT = 8 * 1024 * 1024
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_second_costly_command_within_the_cooldown_is_refused():
+    clock = Clock()
+    cooldowns = Cooldowns(5.0, clock)
+    cooldowns.check("discord:1", "build")
+    clock.now += 2
+    with pytest.raises(Exception, match="Please wait 3 s before using build again."):
+        cooldowns.check("discord:1", "build")
+    cooldowns.check("discord:2", "build")  # another user
+    clock.now += 3
+    cooldowns.check("discord:1", "build")
+
+
+def test_look_ups_are_never_cooled_down():
+    cooldowns = Cooldowns(60.0, Clock())
+    for _ in range(5):
+        cooldowns.check("u", "tile")
+
+
+@pytest.mark.parametrize("text", ["C7", " c7 ", "AA12", "3,7", "3, 7"])
+def test_coordinate_messages(text):
+    assert is_coordinate(text)
+
+
+@pytest.mark.parametrize("text", ["", "C", "hello C7", "C7 please", "7C"])
+def test_other_messages_are_not_coordinates(text):
+    assert not is_coordinate(text)
+
+
+async def test_cooldown_is_one_ephemeral_sentence(ctx, queue, mosaic):
+    commands = Commands(ctx, queue, Cooldowns(30.0))
+    first = await commands.show("discord:1", "discord:9", MOSAIC_NAME, LIMIT)
+    second = await commands.show("discord:1", "discord:9", MOSAIC_NAME, LIMIT)
+    assert not first.ephemeral and first.files
+    assert second == Reply("Please wait 30 s before using show again.", ephemeral=True)
+
+
+async def test_mosaics_built_from_the_cli_are_visible_from_every_chat(commands, mosaic):
+    listed = await commands.mosaics("slack:T1")
+    assert listed.text == f"Mosaics:\n{MOSAIC_NAME} (10x10 tiles)"
+    shown = await commands.show("slack:T1", "slack:U1", MOSAIC_NAME, LIMIT)
+    assert shown.mosaic_id == mosaic.id
+
+
+async def test_a_chats_own_mosaic_is_found_in_its_scope(commands, car_library):
+    built = await commands.build("discord:1", "discord:9", fox_image(60), "cub", 6, LIMIT)
+    assert built.text.startswith("Built cub: 6x6 tiles")
+    assert (await commands.tile("discord:1", "cub", "A1", LIMIT)).files
+    other = await commands.tile("discord:2", "cub", "A1", LIMIT)
+    assert other == Reply('There is no mosaic named "cub" here.', ephemeral=True)
+
+
+async def test_build_from_a_file_that_is_not_an_image(commands, car_library):
+    reply = await commands.build("discord:1", "discord:9", b"GIF89a broken", "x", 6, LIMIT)
+    assert reply.ephemeral and reply.files == []
+
+
+async def test_a_remembered_message_leads_to_its_mosaics_tiles(ctx, commands, mosaic):
+    await commands.remember("discord", "c1", "m1", mosaic.id)
+    reply = await commands.tile_for_message("discord", "c1", "m1", "c7", LIMIT)
+    assert reply.files == [(f"{MOSAIC_NAME}-C7.jpg", car_at(ctx, mosaic, 6, 2))]
+    assert await commands.tile_for_message("discord", "c1", "other", "C7", LIMIT) is None
+    assert await commands.tile_for_message("slack", "c1", "m1", "C7", LIMIT) is None
+
+
+async def test_a_tile_photo_over_the_upload_limit_is_shrunk_to_fit(commands, mosaic):
+    reply = await commands.tile("local", MOSAIC_NAME, "C7", max_bytes=1500)
+    [(name, data)] = reply.files
+    assert len(data) <= 1500 and name.endswith(".jpg")
+
+
+def test_shrink_jpeg_halves_until_it_fits():
+    noise = Image.effect_noise((512, 512), 80).convert("RGB")
+    out = io.BytesIO()
+    noise.save(out, "PNG")
+    assert len(shrink_jpeg(out.getvalue(), 20_000)) <= 20_000
+
+
+async def test_asking_with_something_that_is_not_an_image_queues_nothing(ctx, commands):
+    reply = await commands.ask("discord", "u1", {}, b"plain text", "What car is it?")
+    assert reply.ephemeral and reply.job_id is None
+    with ctx.db.session() as session:
+        assert session.query(Job).count() == 0
+
+
+async def test_an_empty_question_is_refused(commands, vehicle_photos):
+    reply = await commands.ask("discord", "u1", {}, vehicle_photos[0].read_bytes(), "  ")
+    assert reply.ephemeral and reply.text.startswith("Please ask a question about the photo")
+
+
+class RecordedStatus:
+    def __init__(self, log: list):
+        self.log = log
+
+    async def update(self, text: str) -> None:
+        self.log.append(("update", text))
+
+    async def finish(self, text: str) -> None:
+        self.log.append(("finish", text))
+
+
+async def test_an_answer_faster_than_the_status_message_waits_for_it(
+    commands, updates, vehicle_photos
+):
+    log: list = []
+    early: list[asyncio.Task] = []
+
+    async def show(text: str) -> RecordedStatus:
+        # The worker finishes while the platform is still posting the status message.
+        early.append(asyncio.create_task(updates(1, "done", "the answer")))
+        await asyncio.sleep(0.05)
+        log.append(("shown", text))
+        return RecordedStatus(log)
+
+    photo = vehicle_photos[0].read_bytes()
+    reply = await updates.follow(commands.ask("discord", "u1", {}, photo, "Which fuel?"), show)
+    await asyncio.gather(*early)
+    assert reply.job_id == 1
+    assert log == [("shown", "Your question is next in line; the answer will follow here."),
+                   ("finish", "the answer")]
+
+
+async def test_a_job_without_a_live_status_is_answered_by_its_platform(
+    commands, updates, queue, vehicle_photos
+):
+    answered = []
+
+    async def fallback(job, text: str) -> None:
+        answered.append((job.reply_to, text))
+
+    updates.add_fallback("slack", fallback)
+    job = queue.submit("slack", "U1", {"channel": "C1"}, vehicle_photos[0].read_bytes(), "Why?")
+    await updates(job.job_id, "position", "Your question is #2 in the queue.")
+    await updates(job.job_id, "done", "Because.")
+    assert answered == [({"channel": "C1"}, "Because.")]
+
+
+async def test_serve_starts_the_gallery_and_the_worker_and_stops_cleanly(settings, mosaic):
+    settings = settings.model_copy(update={"gallery_port": 0})
+    stop = asyncio.Event()
+    running = asyncio.create_task(serve(settings, stop, answer_fn=fake_answer))
+    await asyncio.sleep(0.5)
+    assert not running.done()
+    stop.set()
+    await asyncio.wait_for(running, 10)
+
+
+async def test_slack_http_mode_needs_a_signing_secret(settings, commands, updates):
+    settings = settings.model_copy(update={"slack_bot_token": SecretStr("xoxb-1")})
+    with pytest.raises(SystemExit, match="SLACK_SIGNING_SECRET"):
+        await start_slack(settings, commands, updates)
