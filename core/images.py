@@ -26,6 +26,9 @@ _RGB_TO_XYZ = np.array(
 _XYZ_TO_RGB = np.linalg.inv(_RGB_TO_XYZ.astype(np.float64)).astype(np.float32)
 _EPSILON = (6 / 29) ** 3
 _ORIENTATION_TAG = 0x0112
+# Pillow only warns about a would-be bomb under 2x its own limit; make that an error everywhere
+# (set once here because warnings.catch_warnings is not thread-safe and ingest decodes in threads).
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 # EXIF orientations 5-8 turn the picture a quarter, so width and height swap.
 _QUARTER_TURNS = {5, 6, 7, 8}
 
@@ -44,19 +47,17 @@ def decode_image(
     if max_bytes is not None and len(data) > max_bytes:
         raise BadImage(f"The image is larger than {max_bytes // (1024 * 1024)} MiB.")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise BadImage(
-                    f"The image claims {width} x {height} pixels, more than the "
-                    f"{max_pixels:,} allowed."
-                )
-            orientation = image.getexif().get(_ORIENTATION_TAG, 1)
-            if draft_px and image.format == "JPEG":
-                image.draft("RGB", (draft_px, draft_px))
-            image.load()
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise BadImage(
+                f"The image claims {width} x {height} pixels, more than the "
+                f"{max_pixels:,} allowed."
+            )
+        orientation = image.getexif().get(_ORIENTATION_TAG, 1)
+        if draft_px and image.format == "JPEG":
+            image.draft("RGB", (draft_px, draft_px))
+        image.load()
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
