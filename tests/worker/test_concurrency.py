@@ -12,6 +12,7 @@ from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
+from core.errors import QueueFull
 from core.worker import JobQueue, Worker
 from storage import jobs as job_rows
 from storage.db import Database
@@ -130,3 +131,24 @@ def test_racing_claims_on_separate_engines_never_share_a_job(ctx, settings):
     every_claim = [job_id for mine in claimed.values() for job_id in mine]
     assert sorted(every_claim) == ids
     assert sum(1 for mine in claimed.values() if mine) >= 2
+
+
+def test_concurrent_submissions_respect_the_per_user_limit(ctx):
+    queue = JobQueue(ctx, max_pending=50, per_user=2)
+    outcomes: list[str] = []
+    start = threading.Barrier(8)
+
+    def submit() -> None:
+        start.wait()
+        try:
+            queue.submit("web", "alice", {}, None, "Which parts pollute?")
+            outcomes.append("queued")
+        except QueueFull:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=submit) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["queued"] * 2 + ["refused"] * 6
