@@ -292,10 +292,20 @@ class Worker:
             events.put_nowait((lost.id, "failed", lost.error))
         if job is None:
             return None
+        try:
+            return await self._answer(job, events)
+        except asyncio.CancelledError:
+            # Shutting down: hand the job back so another worker starts it at once (a blocking
+            # call, but a short one, and the loop is stopping anyway).
+            with self.ctx.db.session() as session:
+                job_rows.release_job(session, job.id, self.worker_id)
+            raise
+
+    async def _answer(self, job: Job, events: asyncio.Queue) -> Job | None:
+        """Start the answer thread for a claimed job and see it to an outcome."""
         await self._announce_positions(events)
         again = " again after an interruption" if job.attempts > 1 else ""
         events.put_nowait((job.id, "started", f"Working on your question{again}."))
-
         loop = asyncio.get_running_loop()
         abandon = threading.Event()
         view = JobView(
@@ -312,14 +322,11 @@ class Worker:
         started = time.monotonic()
         self._answering = self._start_answer(loop, view, progress)
         try:
-            finished = await self._supervise(job, self._answering, abandon, started, events)
+            in_time = await self._supervise(job, self._answering, abandon, started, events)
         except asyncio.CancelledError:
-            # Shutting down: hand the job back so another worker starts it at once.
             abandon.set()
-            with self.ctx.db.session() as session:
-                job_rows.release_job(session, job.id, self.worker_id)
             raise
-        if not finished:
+        if not in_time:
             return await asyncio.to_thread(self._get, job.id)
         return await self._record(job, self._answering, started, events)
 
