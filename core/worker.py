@@ -9,14 +9,16 @@ How a job is run, and why:
   job whose lease expires (its worker was killed or stalled) goes back to the queue, up to
   `max_attempts` starts; a restarted worker with the same `worker_id` takes its own interrupted
   job back at once instead of waiting for the lease.
-- The answer function runs in one daemon thread per worker, never on the event loop. A thread
-  cannot be killed, so a job past `job_timeout_s` is marked timed_out at once (the asker hears
-  at the deadline), `progress()` raises `JobAbandoned` so a cooperative answer function stops
-  at its next step, and the worker claims nothing until that thread has returned: a stuck answer
-  costs one worker, never a growing pile of threads. Other workers keep taking jobs. The thread
-  is a daemon so a stuck answer cannot hold the process open at exit.
+- The answer function runs in a daemon thread, never on the event loop, one at a time per
+  worker. A thread (not a process) because the model is loaded once and shared; the price is
+  that a thread cannot be killed. So a job past `job_timeout_s` is marked timed_out at once (the
+  asker hears at the deadline), `progress()` raises `JobAbandoned` so a cooperative answer
+  function stops at its next step, and the worker claims nothing until that thread has
+  returned: a stuck answer costs one worker, never a growing pile of threads, and other workers
+  keep taking jobs. A daemon thread cannot hold the process open at exit.
 - Cancelling a running job works the same way: the worker notices at its next lease renewal,
   tells the asker, and drops whatever the answer function returns.
+- Leases compare the clocks of the hosts sharing a database: keep them in sync (NTP).
 """
 
 import asyncio
