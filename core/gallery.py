@@ -9,11 +9,14 @@ from PIL import Image
 
 from core.context import AppContext
 from core.errors import UnknownMosaic
-from core.library import car_info
+from core.library import METADATA_FIELDS
 from core.mosaic import format_coordinate, parse_coordinate
 from storage import mosaics as mosaic_rows
 from storage.media import MediaMissing
 from storage.models import Mosaic
+
+# car_info()'s keys, read straight from the look-up row.
+CAR_INFO_FIELDS = ("file_name", *METADATA_FIELDS)
 
 
 @dataclass
@@ -50,22 +53,24 @@ def render_bytes(ctx: AppContext, mosaic: Mosaic) -> bytes:
 def tile_lookup(ctx: AppContext, mosaic: Mosaic, coordinate: str) -> TileLookup:
     """Coordinate ("C7", "c7", "3,7") -> the car photo behind that tile. Raises BadCoordinate."""
     row, col = parse_coordinate(coordinate, mosaic.rows, mosaic.cols)
-    with ctx.db.session() as session:
-        tile, car = mosaic_rows.tile_at(session, mosaic.id, row, col)
+    # A plain connection: this read runs on every chat reply, the session adds nothing to it.
+    with ctx.db.engine.connect() as connection:
+        tile = mosaic_rows.tile_at(connection, mosaic.id, row, col)
+    known = tile["car_id"] is not None
     found = TileLookup(
         row=row,
         col=col,
         label=format_coordinate(row, col),
-        car_info=car_info(car) if car else None,
+        car_info={"id": tile["car_id"], **{f: tile[f] for f in CAR_INFO_FIELDS}} if known else None,
         image_bytes=b"",
         content_type="image/jpeg",
         is_original=True,
         note=None,
-        score=tile.score,
+        score=tile["score"],
     )
-    if car is not None:
+    if known:
         try:
-            found.image_bytes = ctx.media.read(car.media_key)
+            found.image_bytes = ctx.media.read(tile["media_key"])
             found.content_type = _content_type(found.image_bytes)
             return found
         except MediaMissing:
@@ -75,7 +80,7 @@ def tile_lookup(ctx: AppContext, mosaic: Mosaic, coordinate: str) -> TileLookup:
         found.note = "This car was removed from the library, so this is the tile as it appears "
         found.note += "in the mosaic."
     render = Image.open(io.BytesIO(render_bytes(ctx, mosaic)))
-    crop = render.crop((tile.x0, tile.y0, tile.x1, tile.y1)).convert("RGB")
+    crop = render.crop((tile["x0"], tile["y0"], tile["x1"], tile["y1"])).convert("RGB")
     out = io.BytesIO()
     crop.save(out, "PNG")
     found.image_bytes, found.content_type, found.is_original = out.getvalue(), "image/png", False

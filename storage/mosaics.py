@@ -2,7 +2,7 @@
 look a tile up by its grid position (the unique (mosaic_id, row, col) index makes that one seek).
 """
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import Connection, RowMapping, bindparam, func, insert, select
 from sqlalchemy.orm import Session
 
 from storage.models import Car, Mosaic, Tile
@@ -32,15 +32,27 @@ def add_mosaic(session: Session, mosaic: Mosaic, tiles: list[dict]) -> Mosaic:
     return mosaic
 
 
-def tile_at(session: Session, mosaic_id: int, row: int, col: int) -> tuple[Tile, Car | None]:
-    """The tile at (row, col) and its car (None if the car was deleted since)."""
-    query = (
-        select(Tile, Car)
-        .outerjoin(Car, Car.id == Tile.car_id)
-        .where(Tile.mosaic_id == mosaic_id, Tile.row == row, Tile.col == col)
+# Built once: a chat reply or a gallery click runs this point query, and rebuilding the statement
+# would cost more than SQLite takes to answer it.
+_TILE_AT = (
+    select(
+        Tile.x0, Tile.y0, Tile.x1, Tile.y1, Tile.score,
+        Car.id.label("car_id"), Car.media_key, Car.file_name, Car.make, Car.model, Car.year,
+        Car.fuel, Car.co2_g_km, Car.emission_standard, Car.source,
     )
-    tile, car = session.execute(query).one()
-    return tile, car
+    .outerjoin(Car, Car.id == Tile.car_id)
+    .where(
+        Tile.mosaic_id == bindparam("mosaic_id"),
+        Tile.row == bindparam("row"),
+        Tile.col == bindparam("col"),
+    )
+)
+
+
+def tile_at(db: Session | Connection, mosaic_id: int, row: int, col: int) -> RowMapping:
+    """The tile at (row, col) with its car's columns (car_id None if the car was deleted)."""
+    params = {"mosaic_id": mosaic_id, "row": row, "col": col}
+    return db.execute(_TILE_AT, params).mappings().one()
 
 
 def tile_rows(session: Session, mosaic_id: int) -> list[Tile]:

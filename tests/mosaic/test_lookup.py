@@ -65,3 +65,13 @@ def test_a_mosaic_is_only_found_in_its_own_scope(ctx, mosaic):
     assert find_mosaic(ctx, "field").id == mosaic.id
     with pytest.raises(UnknownMosaic):
         find_mosaic(ctx, "field", scope="guild:42")
+
+
+def test_a_car_removed_from_the_library_still_shows_its_tile(ctx, mosaic):
+    car = car_at(ctx, mosaic, 0, 0)
+    with ctx.db.session() as session:
+        session.delete(session.get(Car, car.id))
+    found = tile_lookup(ctx, mosaic, "A1")
+    assert found.car_info is None and not found.is_original
+    assert "removed from the library" in found.note
+    assert Image.open(io.BytesIO(found.image_bytes)).size == (24, 24)
