@@ -41,7 +41,7 @@ def postgres_socket_dir():
     data = root / "data"
     run = dict(check=True, capture_output=True)
     subprocess.run(_as_server_user(["initdb", "-D", str(data), "-U", "postgres",
-                                    "--auth=trust", "-E", "UTF8"]), **run)
+                                    "--auth=trust", "-E", "UTF8", "--no-sync"]), **run)
     options = f"-k {root} -p {PORT} -c listen_addresses='' -c fsync=off"
     subprocess.run(_as_server_user(["pg_ctl", "-D", str(data), "-o", options, "-l",
                                     str(root / "log"), "-w", "start"]), **run)
