@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from core.errors import QueueFull
-from core.worker import JobQueue, Worker
+from core.worker import AnswerResult, JobQueue, Worker
 from storage import jobs as job_rows
 from storage.db import Database
 from storage.models import utcnow
@@ -152,3 +152,29 @@ def test_concurrent_submissions_respect_the_per_user_limit(ctx):
     for thread in threads:
         thread.join()
     assert sorted(outcomes) == ["queued"] * 2 + ["refused"] * 6
+
+
+async def test_two_workers_in_one_process_share_the_queue(ctx):
+    queue = JobQueue(ctx, max_pending=20, per_user=20)
+    ids = [queue.submit("discord", "u", {}, None, f"q{n}?").job_id for n in range(20)]
+    runs: list[tuple[int, str]] = []
+
+    def answer_as(name: str):
+        def answer(job, progress):
+            runs.append((job.id, name))
+            time.sleep(0.01)
+            return AnswerResult(text="ok")
+
+        return answer
+
+    workers = [Worker(ctx, answer_as(name), worker_id=name, poll_s=0.01) for name in ("a", "b")]
+    tasks = [asyncio.create_task(worker.run_forever()) for worker in workers]
+    try:
+        while not all(queue.get(job_id).status == "done" for job_id in ids):
+            await asyncio.sleep(0.05)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert sorted(job_id for job_id, _ in runs) == ids
+    assert {name for _, name in runs} == {"a", "b"}
