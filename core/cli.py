@@ -91,9 +91,10 @@ def library_add(ctx: AppContext, args: argparse.Namespace) -> int:
         print(f"labels: {problem}")
     for path, reason in report.failed:
         print(f"skipped {path}: {reason}")
+    relabelled = f" ({report.labels_updated} relabelled)" if report.labels_updated else ""
     print(
-        f"Added {report.added} photos, {report.skipped_duplicates} already in the library, "
-        f"{len(report.failed)} unreadable ({report.seconds:.1f} s)."
+        f"Added {report.added} photos, {report.skipped_duplicates} already in the library"
+        f"{relabelled}, {len(report.failed)} unreadable ({report.seconds:.1f} s)."
     )
     return 0
 
