@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 # Mosaics built from the CLI or `talkmosaic demo` live here and are visible from every chat.
 SHARED_SCOPE = "local"
 # Commands that cost real work; look-ups and lists stay free so "C7" then "C8" just works.
+OFF_LOOP_THREADS = 2
 COOLED_COMMANDS = frozenset({"build", "show", "ask"})
 # A message that is nothing but a tile coordinate, e.g. "C7", "aa12" or "3,7".
 COORDINATE_MESSAGE = re.compile(r"^\s*(?:[A-Za-z]{1,3}\s*\d{1,6}|\d{1,6}\s*[,;]\s*\d{1,6})\s*$")
@@ -102,8 +103,15 @@ class Commands:
         self.ctx = ctx
         self.queue = queue
         self.cooldowns = cooldowns or Cooldowns(ctx.settings.cooldown_s)
-        # Two cores: one build at a time keeps look-ups and the worker responsive.
+        # One build at a time keeps look-ups and the worker responsive on a small machine.
         self._builds = asyncio.Semaphore(1)
+        # Core calls hold the GIL for most of their time: a crowd of them in threads starves
+        # the event loop of it (200 concurrent look-ups blocked the loop for 150 ms).
+        self._threads = asyncio.Semaphore(OFF_LOOP_THREADS)
+
+    async def _off_loop(self, function, *args):
+        async with self._threads:
+            return await asyncio.to_thread(function, *args)
 
     async def build(
         self, scope: str, user: str, target: bytes, name: str, columns: int | None, max_bytes: int
@@ -125,13 +133,13 @@ class Commands:
     async def show(self, scope: str, user: str, name: str, max_bytes: int) -> Reply:
         try:
             self.cooldowns.check(user, "show")
-            mosaic = await asyncio.to_thread(self._find, scope, name)
+            mosaic = await self._off_loop(self._find, scope, name)
             return await self._showing(mosaic, max_bytes, built=False)
         except UserError as error:
             return error_reply(error)
 
     async def mosaics(self, scope: str) -> Reply:
-        mosaics = await asyncio.to_thread(self._visible, scope)
+        mosaics = await self._off_loop(self._visible, scope)
         if not mosaics:
             return Reply("No mosaics yet: build one with /mosaic build.", ephemeral=True)
         lines = [f"{m.name} ({m.cols}x{m.rows} tiles)" for m in mosaics[:50]]
@@ -139,8 +147,7 @@ class Commands:
 
     async def tile(self, scope: str, name: str, coordinate: str, max_bytes: int) -> Reply:
         try:
-            mosaic = await asyncio.to_thread(self._find, scope, name)
-            found = await asyncio.to_thread(tile_lookup, self.ctx, mosaic, coordinate)
+            mosaic, found = await self._off_loop(self._lookup, scope, name, coordinate)
             return await _tile_reply(mosaic, found, max_bytes)
         except UserError as error:
             return error_reply(error)
@@ -149,14 +156,13 @@ class Commands:
         self, platform: str, channel_id: str, message_id: str, coordinate: str, max_bytes: int
     ) -> Reply | None:
         """A reply such as "C7" to a message: None when that message shows no mosaic."""
-        mosaic = await asyncio.to_thread(self._mosaic_of, platform, channel_id, message_id)
-        if mosaic is None:
-            return None
         try:
-            found = await asyncio.to_thread(tile_lookup, self.ctx, mosaic, coordinate)
-            return await _tile_reply(mosaic, found, max_bytes)
+            shown = await self._off_loop(
+                self._lookup_for_message, platform, channel_id, message_id, coordinate
+            )
         except UserError as error:
             return error_reply(error)
+        return None if shown is None else await _tile_reply(*shown, max_bytes)
 
     async def ask(
         self, platform: str, user: str, reply_to: dict, image: bytes, question: str
@@ -164,20 +170,18 @@ class Commands:
         """Queue a question about a photo; the reply carries the job id and queue position."""
         try:
             self.cooldowns.check(f"{platform}:{user}", "ask")
-            await asyncio.to_thread(decode_image, image, self.ctx.settings.max_image_pixels)
-            job = await asyncio.to_thread(
-                self.queue.submit, platform, user, reply_to, image, question
-            )
+            await self._off_loop(decode_image, image, self.ctx.settings.max_image_pixels)
+            job = await self._off_loop(self.queue.submit, platform, user, reply_to, image, question)
         except UserError as error:
             return error_reply(error)
         return Reply(queued_text(job.position), job_id=job.job_id, position=job.position)
 
     async def remember(self, platform: str, channel_id: str, message_id: str,
                        mosaic_id: int) -> None:
-        await asyncio.to_thread(self._remember, platform, channel_id, message_id, mosaic_id)
+        await self._off_loop(self._remember, platform, channel_id, message_id, mosaic_id)
 
     async def _showing(self, mosaic: Mosaic, max_bytes: int, built: bool) -> Reply:
-        preview = await asyncio.to_thread(preview_image, self.ctx, mosaic, max_bytes)
+        preview = await self._off_loop(preview_image, self.ctx, mosaic, max_bytes)
         last = format_coordinate(mosaic.rows - 1, mosaic.cols - 1)
         verb = "Built" if built else "Mosaic"
         text = (
@@ -202,9 +206,16 @@ class Commands:
         names = {m.name for m in own}
         return own + [m for m in shared if m.name not in names]
 
-    def _mosaic_of(self, platform: str, channel_id: str, message_id: str) -> Mosaic | None:
+    def _lookup(self, scope: str, name: str, coordinate: str) -> tuple[Mosaic, TileLookup]:
+        mosaic = self._find(scope, name)
+        return mosaic, tile_lookup(self.ctx, mosaic, coordinate)
+
+    def _lookup_for_message(
+        self, platform: str, channel_id: str, message_id: str, coordinate: str
+    ) -> tuple[Mosaic, TileLookup] | None:
         with self.ctx.db.session() as session:
-            return mosaic_for_message(session, platform, channel_id, message_id)
+            mosaic = mosaic_for_message(session, platform, channel_id, message_id)
+        return None if mosaic is None else (mosaic, tile_lookup(self.ctx, mosaic, coordinate))
 
     def _remember(self, platform: str, channel_id: str, message_id: str, mosaic_id: int) -> None:
         with self.ctx.db.session() as session:

@@ -7,13 +7,13 @@ import io
 
 import pytest
 from PIL import Image, ImageDraw
+from sqlalchemy import select
 
 from bot.commands import Commands, Cooldowns, JobUpdates
 from core.library import add_car_photo
 from core.mosaic import MosaicOptions, build_mosaic
 from core.worker import AnswerResult, JobQueue, JobView, Worker
-from storage import mosaics as mosaic_rows
-from storage.models import Mosaic
+from storage.models import Car, Mosaic, Tile
 
 MOSAIC_NAME = "fox"
 
@@ -36,8 +36,12 @@ def fox_image(size: int = 120) -> bytes:
 def car_at(ctx, mosaic: Mosaic, row: int, col: int) -> bytes:
     """The original photo bytes of the car behind (row, col)."""
     with ctx.db.session() as session:
-        _tile, car = mosaic_rows.tile_at(session, mosaic.id, row, col)
-    return ctx.media.read(car.media_key)
+        key = session.scalar(
+            select(Car.media_key)
+            .join(Tile, Tile.car_id == Car.id)
+            .where(Tile.mosaic_id == mosaic.id, Tile.row == row, Tile.col == col)
+        )
+    return ctx.media.read(key)
 
 
 @pytest.fixture
