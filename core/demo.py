@@ -52,7 +52,8 @@ def run_demo(ctx: AppContext, say: Callable[[str], None] = print) -> DemoResult:
     render_path.write_bytes(render_bytes(ctx, mosaic))
     preview_path.write_bytes(preview_image(ctx, mosaic))
     sample = tile_lookup(ctx, mosaic, SAMPLE_TILE)
-    sample_path = out_dir / f"tile-{sample.label}.{sample.content_type.split('/')[-1]}"
+    extension = {"image/png": "png", "image/webp": "webp", "image/gif": "gif"}
+    sample_path = out_dir / f"tile-{sample.label}.{extension.get(sample.content_type, 'jpg')}"
     sample_path.write_bytes(sample.image_bytes)
     say(f"Mosaic \"{mosaic.name}\": {mosaic.cols} x {mosaic.rows} tiles "
         f"({'built now' if built else 'built before'}).")
