@@ -1,8 +1,6 @@
 """Safe decoding of untrusted bytes, CIELAB conversion and the Lab-grid feature."""
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -10,6 +8,7 @@ from PIL import Image
 
 from core.errors import BadImage
 from core.images import decode_image, lab_grid, lab_to_rgb, rgb_to_lab, square_thumbnail
+from tests.library.conftest import png_header_only
 
 LIMIT = 40_000_000
 
@@ -18,23 +17,6 @@ def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
     out = io.BytesIO()
     image.save(out, fmt, **options)
     return out.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height pixels, with almost no pixel data behind it."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,7 @@ from PIL import Image
 from core import library
 from core.library import LibraryIndex, add_car_photo, ingest_paths, library_stats
 from storage import cars as car_rows
-from tests.library.conftest import photo_bytes
-from tests.library.test_images import png_header_only
+from tests.library.conftest import photo_bytes, png_header_only
 
 
 def count(ctx) -> int:
