@@ -73,29 +73,38 @@ async def start_discord(settings: Settings, commands: Commands, updates: JobUpda
 async def start_slack(settings: Settings, commands: Commands, updates: JobUpdates) -> Cleanup:
     from slack_sdk.web.async_client import AsyncWebClient
 
-    from bot.slack_app import make_slack_app
+    from bot.slack_app import SlackFiles, make_slack_app
 
-    client = AsyncWebClient(token=settings.slack_bot_token.get_secret_value())
+    if not settings.slack_app_token and not settings.slack_signing_secret:
+        raise SystemExit("Slack HTTP mode needs SLACK_SIGNING_SECRET (or set SLACK_APP_TOKEN "
+                         "for Socket Mode).")
+    token = settings.slack_bot_token.get_secret_value()
+    client = AsyncWebClient(token=token)
+    files = SlackFiles(token, settings.max_upload_bytes)
     if settings.slack_app_token:
         from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 
-        app = make_slack_app(commands, updates, client=client)
+        app = make_slack_app(commands, updates, client=client, files=files)
         handler = AsyncSocketModeHandler(app, settings.slack_app_token.get_secret_value())
         await handler.connect_async()
         log.info("Slack: connected in Socket Mode")
-        return handler.close_async
-    if not settings.slack_signing_secret:
-        raise SystemExit("Slack HTTP mode needs SLACK_SIGNING_SECRET (or set SLACK_APP_TOKEN "
-                         "for Socket Mode).")
-    app = make_slack_app(commands, updates, client=client,
-                         signing_secret=settings.slack_signing_secret.get_secret_value())
-    host = getattr(settings, "slack_host", "127.0.0.1")
-    runner = web.AppRunner(app.web_app(path="/slack/events", port=settings.slack_port),
-                           access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host, settings.slack_port).start()
-    log.info("Slack: HTTP mode on http://%s:%s/slack/events", host, settings.slack_port)
-    return runner.cleanup
+        stop_serving = handler.close_async
+    else:
+        app = make_slack_app(commands, updates, client=client, files=files,
+                             signing_secret=settings.slack_signing_secret.get_secret_value())
+        host = getattr(settings, "slack_host", "127.0.0.1")
+        runner = web.AppRunner(app.web_app(path="/slack/events", port=settings.slack_port),
+                               access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, settings.slack_port).start()
+        log.info("Slack: HTTP mode on http://%s:%s/slack/events", host, settings.slack_port)
+        stop_serving = runner.cleanup
+
+    async def stop() -> None:
+        await stop_serving()
+        await files.close()
+
+    return stop
 
 
 async def start_web_gallery(ctx: AppContext, queue: JobQueue) -> Cleanup | None:

@@ -2,17 +2,19 @@
 local Web API stand-in that records every call (uploads through files_upload_v2 included).
 """
 
+import asyncio
 import time
 
 import pytest
 from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.slack_app import make_slack_app
+from bot.slack_app import SlackFiles, make_slack_app
 from core.mosaic import preview_image
+from core.worker import Worker
 from storage.messages import mosaic_for_message
 from storage.models import Job
-from tests.bot.conftest import MOSAIC_NAME, car_at, fox_image
+from tests.bot.conftest import MOSAIC_NAME, car_at, fake_answer, fox_image
 from tests.bot.slack_stand_in import (
     BOT_TOKEN,
     BOT_USER,
@@ -34,9 +36,12 @@ async def stand_in():
 
 
 @pytest.fixture
-async def app(stand_in, commands, updates):
+async def app(stand_in, commands, updates, ctx):
     client = AsyncWebClient(token=BOT_TOKEN, base_url=f"{stand_in.base_url}/api/")
-    return make_slack_app(commands, updates, client=client, signing_secret=SIGNING_SECRET)
+    files = SlackFiles(BOT_TOKEN, ctx.settings.max_upload_bytes)
+    yield make_slack_app(commands, updates, client=client, signing_secret=SIGNING_SECRET,
+                         files=files)
+    await files.close()
 
 
 @pytest.fixture(autouse=True)
@@ -214,3 +219,25 @@ async def test_a_file_announced_as_not_an_image_is_not_downloaded(app, stand_in,
     [error] = await stand_in.wait_for(lambda _: stand_in.api("chat.postEphemeral"))
     assert "not an image" in error.args["text"]
     assert not [c for c in stand_in.calls if c.method.startswith("GET /files/")]
+
+
+async def test_the_status_message_is_edited_as_the_queue_moves(
+    app, stand_in, ctx, updates, vehicle_photos
+):
+    photo = stand_in.serve_file("car.jpg", vehicle_photos[0].read_bytes(), "image/jpeg")
+    for user in ("U0ONE", "U0TWO", "U0THREE"):
+        event = {**mention(stand_in, f"<@{BOT_USER}> which fuel?", [photo]), "user": user}
+        await dispatch(app, event_callback(event))
+    statuses = await stand_in.wait_for(lambda _: posted_messages(stand_in, at_least=3))
+    assert "#3 in the queue" in statuses[2].args["text"]
+
+    worker = Worker(ctx, fake_answer, on_update=updates, poll_s=0.05)
+    running = asyncio.create_task(worker.run_forever())
+    await stand_in.wait_for(lambda _: posted_messages(stand_in, at_least=6))
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    edits = [c.args["text"] for c in stand_in.api("chat.update")
+             if c.args["ts"] == statuses[2].response["ts"]]
+    assert "Your question is #2 in the queue." in edits
+    assert edits.index("Your question is #2 in the queue.") < edits.index(
+        "Working on your question.")
