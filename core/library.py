@@ -205,7 +205,6 @@ def ingest_paths(
     if labels_csv is not None:
         labels, report.label_problems = read_labels(Path(labels_csv))
     paths = find_photos(paths_or_dir)
-    settings = ctx.settings
     seen: set[str] = set()
     bar = tqdm(
         total=len(paths),
@@ -216,43 +215,55 @@ def ingest_paths(
     with bar, _executor(workers) as pool:
         for start in range(0, len(paths), batch_size):
             batch = paths[start : start + batch_size]
-            read = list(pool.map(partial(_read, max_bytes=settings.max_upload_bytes), batch))
-            with ctx.db.session() as session:
-                seen |= car_rows.known_shas(session, [sha for _, sha, _ in read if sha])
-            fresh: list[tuple[Path, bytes]] = []
-            relabel: dict[str, dict] = {}
-            for path, (data, sha, reason) in zip(batch, read, strict=True):
-                if reason:
-                    report.failed.append((str(path), reason))
-                elif sha in seen:
-                    report.skipped_duplicates += 1
-                    if labels.get(path.name):
-                        relabel[sha] = labels[path.name]
-                else:
-                    seen.add(sha)
-                    fresh.append((path, data))
-            prepared = pool.map(
-                partial(
-                    _prepare_or_reason,
-                    media=ctx.media,
-                    max_pixels=settings.max_image_pixels,
-                    max_bytes=settings.max_upload_bytes,
-                ),
-                [data for _, data in fresh],
-            )
-            rows = []
-            for (path, _), (columns, reason) in zip(fresh, prepared, strict=True):
-                if reason:
-                    report.failed.append((str(path), reason))
-                    continue
-                rows.append({**columns, "file_name": path.name[:255], **labels.get(path.name, {})})
-            if relabel:
-                with ctx.db.session() as session:
-                    report.labels_updated += car_rows.update_metadata(session, relabel)
-            report.added += _insert(ctx, rows, report)
+            _ingest_batch(ctx, pool, batch, labels, seen, report)
             bar.update(len(batch))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _ingest_batch(
+    ctx: AppContext,
+    pool: Executor,
+    batch: list[Path],
+    labels: dict[str, dict],
+    seen: set[str],
+    report: IngestReport,
+) -> None:
+    """Read and hash the batch, drop known photos, decode the rest, insert them in one go."""
+    settings = ctx.settings
+    read = list(pool.map(partial(_read, max_bytes=settings.max_upload_bytes), batch))
+    with ctx.db.session() as session:
+        seen |= car_rows.known_shas(session, [sha for _, sha, _ in read if sha])
+    fresh: list[tuple[Path, bytes]] = []
+    relabel: dict[str, dict] = {}
+    for path, (data, sha, reason) in zip(batch, read, strict=True):
+        if reason:
+            report.failed.append((str(path), reason))
+        elif sha in seen:
+            report.skipped_duplicates += 1
+            if labels.get(path.name):
+                relabel[sha] = labels[path.name]
+        else:
+            seen.add(sha)
+            fresh.append((path, data))
+    prepare = partial(
+        _prepare_or_reason,
+        media=ctx.media,
+        max_pixels=settings.max_image_pixels,
+        max_bytes=settings.max_upload_bytes,
+    )
+    rows = []
+    for (path, _), (columns, reason) in zip(
+        fresh, pool.map(prepare, [data for _, data in fresh]), strict=True
+    ):
+        if reason:
+            report.failed.append((str(path), reason))
+        else:
+            rows.append({**columns, "file_name": path.name[:255], **labels.get(path.name, {})})
+    if relabel:
+        with ctx.db.session() as session:
+            report.labels_updated += car_rows.update_metadata(session, relabel)
+    report.added += _insert(ctx, rows, report)
 
 
 def _insert(ctx: AppContext, rows: list[dict], report: IngestReport) -> int:
@@ -294,10 +305,14 @@ def add_car_photo(
         raise ValueError(f"Bad car metadata: {'; '.join(problems)}.")
     settings = ctx.settings
     columns = prepare_photo(data, ctx.media, settings.max_image_pixels, settings.max_upload_bytes)
-    with ctx.db.session() as session:
-        (car,) = car_rows.add_cars(
-            session, [{**columns, "file_name": Path(file_name).name[:255], **clean}]
-        )
+    try:
+        with ctx.db.session() as session:
+            (car,) = car_rows.add_cars(
+                session, [{**columns, "file_name": Path(file_name).name[:255], **clean}]
+            )
+    except IntegrityError:  # the same bytes were added meanwhile
+        with ctx.db.session() as session:
+            return car_rows.car_by_sha(session, columns["sha256"])
     return car
 
 
