@@ -6,7 +6,7 @@ and the event loop never blocked for more than 100 ms (a 5 ms ticker measures th
 the same run: the idle loop (lag floor), the look-ups run directly on the loop (what blocking
 looks like), and the look-ups called one by one without the command layer (throughput ratio).
 
-    python bench/load.py [--photos 400] [--cols 40] [--out bench/results/load-cpu.txt]
+    python bench/load.py [--photos 1600] [--cols 60] [--out bench/results/load-cpu.txt]
 """
 
 import argparse
@@ -89,7 +89,7 @@ def row(name, ops, errors, lost, wall, latencies, lag, ratio="") -> list[str]:
     return [name, str(ops), str(errors), str(lost), f"{wall:.2f}", f"{ops / wall:.0f}",
             f"{percentile(latencies, 0.5) * 1000:.1f}" if latencies else "-",
             f"{percentile(latencies, 0.95) * 1000:.1f}" if latencies else "-",
-            f"{lag * 1000:.1f}", ratio]
+            "-" if lag is None else f"{lag * 1000:.1f}", ratio]
 
 
 async def timed(coro) -> tuple[object, float]:
@@ -131,7 +131,7 @@ async def run(photos: int, cols: int) -> tuple[list[list[str]], bool]:
         for coord in coords:
             tile_lookup(ctx, mosaic, coord)
         direct_wall = time.perf_counter() - started
-        rows.append(row("core look-ups, one by one", LOOKUPS, 0, 0, direct_wall, [], 0.0, "1.00"))
+        rows.append(row("core look-ups, one by one", LOOKUPS, 0, 0, direct_wall, [], None, "1.00"))
 
         async def blocking_lookup(coord: str):
             return tile_lookup(ctx, mosaic, coord)
@@ -228,8 +228,8 @@ def table(rows: list[list[str]]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--photos", type=int, default=400)
-    parser.add_argument("--cols", type=int, default=40)
+    parser.add_argument("--photos", type=int, default=1600)
+    parser.add_argument("--cols", type=int, default=60)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rows, passed = asyncio.run(run(args.photos, args.cols))
