@@ -6,7 +6,6 @@ A UserError becomes one ephemeral sentence; nothing else the user did shows a tr
 
 import asyncio
 import io
-import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -20,16 +19,14 @@ from core.errors import BadImage, UnknownMosaic, UserError
 from core.gallery import TileLookup, find_mosaic, list_mosaics, tile_lookup
 from core.images import decode_image
 from core.mosaic import MosaicOptions, build_mosaic, format_coordinate, preview_image
-from core.worker import FINAL_EVENTS
+from core.worker import FINAL_EVENTS, JobQueue
 from storage.messages import mosaic_for_message, remember_message
 from storage.models import Mosaic
 
-log = logging.getLogger(__name__)
-
 # Mosaics built from the CLI or `talkmosaic demo` live here and are visible from every chat.
 SHARED_SCOPE = "local"
-# Commands that cost real work; look-ups and lists stay free so "C7" then "C8" just works.
 OFF_LOOP_THREADS = 2
+# Commands that cost real work; look-ups and lists stay free so "C7" then "C8" just works.
 COOLED_COMMANDS = frozenset({"build", "show", "ask"})
 # A message that is nothing but a tile coordinate, e.g. "C7", "aa12" or "3,7".
 COORDINATE_MESSAGE = re.compile(r"^\s*(?:[A-Za-z]{1,3}\s*\d{1,6}|\d{1,6}\s*[,;]\s*\d{1,6})\s*$")
@@ -52,7 +49,6 @@ class Reply:
     ephemeral: bool = False
     mosaic_id: int | None = None
     job_id: int | None = None
-    position: int | None = None
 
 
 def error_reply(error: UserError) -> Reply:
@@ -79,15 +75,6 @@ class Cooldowns:
         self._last[(user, command)] = now
 
 
-class JobQueueLike(Protocol):
-    def submit(self, platform: str, user_id: str, reply_to: dict, image: bytes | None,
-               question: str): ...
-
-    def position(self, job_id: int) -> int | None: ...
-
-    def get(self, job_id: int): ...
-
-
 def check_attachment(content_type: str | None, size: int | None, max_bytes: int) -> None:
     """Refuse a chat attachment before downloading it: not an image, or too large."""
     if content_type is not None and not content_type.lower().startswith("image/"):
@@ -99,7 +86,7 @@ def check_attachment(content_type: str | None, size: int | None, max_bytes: int)
 class Commands:
     """One instance per process, shared by every adapter."""
 
-    def __init__(self, ctx: AppContext, queue: JobQueueLike, cooldowns: Cooldowns | None = None):
+    def __init__(self, ctx: AppContext, queue: JobQueue, cooldowns: Cooldowns | None = None):
         self.ctx = ctx
         self.queue = queue
         self.cooldowns = cooldowns or Cooldowns(ctx.settings.cooldown_s)
@@ -174,7 +161,7 @@ class Commands:
             job = await self._off_loop(self.queue.submit, platform, user, reply_to, image, question)
         except UserError as error:
             return error_reply(error)
-        return Reply(queued_text(job.position), job_id=job.job_id, position=job.position)
+        return Reply(queued_text(job.position), job_id=job.job_id)
 
     async def remember(self, platform: str, channel_id: str, message_id: str,
                        mosaic_id: int) -> None:
@@ -296,7 +283,7 @@ class JobUpdates:
     position and progress events edit it, a final event posts the answer (or why there is none).
     """
 
-    def __init__(self, queue: JobQueueLike):
+    def __init__(self, queue: JobQueue):
         self.queue = queue
         self._live: dict[int, JobStatus] = {}
         self._fallbacks: dict[str, Fallback] = {}
