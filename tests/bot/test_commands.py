@@ -3,15 +3,21 @@ mosaic messages, job status routing, and `python -m bot`'s start-up and shutdown
 
 import asyncio
 import io
+import json
+import socket
+import time
 
+import aiohttp
 import pytest
 from PIL import Image
 from pydantic import SecretStr
+from slack_sdk.signature import SignatureVerifier
 
 from bot.__main__ import serve, start_slack
 from bot.commands import Commands, Cooldowns, Reply, is_coordinate, shrink_jpeg
 from storage.models import Job
 from tests.bot.conftest import MOSAIC_NAME, car_at, fake_answer, fox_image
+from tests.bot.slack_stand_in import SIGNING_SECRET, event_callback
 
 LIMIT = 8 * 1024 * 1024
 
@@ -174,3 +180,40 @@ async def test_slack_http_mode_needs_a_signing_secret(settings, commands, update
     settings = settings.model_copy(update={"slack_bot_token": SecretStr("xoxb-1")})
     with pytest.raises(SystemExit, match="SLACK_SIGNING_SECRET"):
         await start_slack(settings, commands, updates)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def test_slack_http_mode_serves_signed_requests_only(settings, commands, updates):
+    port = free_port()
+    settings = settings.model_copy(update={
+        "slack_bot_token": SecretStr("xoxb-1"), "slack_port": port,
+        "slack_signing_secret": SecretStr(SIGNING_SECRET),
+    })
+    stop = await start_slack(settings, commands, updates)
+    try:
+        challenge = json.dumps({"type": "url_verification", "challenge": "abc", "token": "t"})
+        signed = event_callback({}).headers  # any signature for another body must fail
+        url = f"http://127.0.0.1:{port}/slack/events"
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url, data=challenge, headers={
+                "Content-Type": "application/json",
+                "X-Slack-Signature": signed["x-slack-signature"][0],
+                "X-Slack-Request-Timestamp": signed["x-slack-request-timestamp"][0],
+            }) as refused:
+                assert refused.status == 401
+            timestamp = str(int(time.time()))
+            signature = SignatureVerifier(SIGNING_SECRET).generate_signature(
+                timestamp=timestamp, body=challenge)
+            async with http.post(url, data=challenge, headers={
+                "Content-Type": "application/json", "X-Slack-Signature": signature,
+                "X-Slack-Request-Timestamp": timestamp,
+            }) as accepted:
+                assert accepted.status == 200
+                assert "abc" in await accepted.text()
+    finally:
+        await stop()
