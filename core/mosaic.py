@@ -295,14 +295,14 @@ def place_tiles(
                 break
         else:
             whole_library += 1
-            car, spaced = _best_allowed(cells[cell], library, library_norms, uses, max_uses, near)
+            car, distance, spaced = _best_allowed(cells[cell], library, library_norms, uses,
+                                                  max_uses, near)
             relaxed += not spaced
-            distance = max(float(library_norms[car] - 2 * library[car] @ cells[cell]
-                                 + cells[cell] @ cells[cell]), 0.0) / library.shape[1]
-            own = math.exp(float(attention_logits(np.float32(distance), options.temperature)
-                                 - logits[cell].max()))
+            # Its attention weight among the cell's candidates plus itself.
+            top = logits[cell].max()
+            own = math.exp(float(attention_logits(np.float32(distance), options.temperature)) - top)
             choice[cell] = car
-            score[cell] = own / (own + float(np.exp(logits[cell] - logits[cell].max()).sum()))
+            score[cell] = own / (own + float(np.exp(logits[cell] - top).sum()))
         uses[choice[cell]] += 1
         placed[row + reach, col + reach] = choice[cell]
         if progress and (step + 1) % 2000 == 0:
@@ -319,18 +319,20 @@ def _best_allowed(
     uses: np.ndarray,
     max_uses: int,
     near: set[int],
-) -> tuple[int, bool]:
+) -> tuple[int, float, bool]:
     """The closest photo still under its use limit and not in the neighbourhood; if every such
-    photo is nearby (a tiny library), the closest under its use limit. Returns (row, spaced)."""
-    distance = library_norms - 2 * (library @ cell)
+    photo is nearby (a tiny library), the closest under its use limit.
+    Returns (library row, its mean squared Lab distance, whether the spacing held)."""
+    # einsum, not BLAS: for one product, waking BLAS threads costs more than the product.
+    distance = library_norms - 2 * np.einsum("ij,j->i", library, cell) + float(cell @ cell)
     distance[uses >= max_uses] = np.inf
-    nearby = np.fromiter((car for car in near if car >= 0), np.int64)
     spaced_distance = distance.copy()
-    spaced_distance[nearby] = np.inf
+    spaced_distance[np.fromiter((car for car in near if car >= 0), np.int64)] = np.inf
     best = int(np.argmin(spaced_distance))
-    if np.isfinite(spaced_distance[best]):
-        return best, True
-    return int(np.argmin(distance)), False
+    spaced = bool(np.isfinite(spaced_distance[best]))
+    if not spaced:
+        best = int(np.argmin(distance))
+    return best, max(float(distance[best]), 0.0) / library.shape[1], spaced
 
 
 # Rendering -----------------------------------------------------------------------------------
