@@ -43,10 +43,15 @@ class BadMosaicName(UserError):
     """A mosaic name that is empty or too long."""
 
 
+class BadMosaicOptions(UserError):
+    """Mosaic options out of range, or a grid too large to render."""
+
+
 __all__ = [
     "BadCoordinate",
     "BadImage",
     "BadMosaicName",
+    "BadMosaicOptions",
     "BadQuestion",
     "EmptyLibrary",
     "LibraryTooSmall",
