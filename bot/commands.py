@@ -30,6 +30,8 @@ OFF_LOOP_THREADS = 2
 COOLED_COMMANDS = frozenset({"build", "show", "ask"})
 # A message that is nothing but a tile coordinate, e.g. "C7", "aa12" or "3,7".
 COORDINATE_MESSAGE = re.compile(r"^\s*(?:[A-Za-z]{1,3}\s*\d{1,6}|\d{1,6}\s*[,;]\s*\d{1,6})\s*$")
+# What a user sees when something failed on our side (the log has the details).
+SORRY = "Something went wrong on our side; please try again later."
 EXTENSIONS = {"image/png": "png", "image/webp": "webp", "image/gif": "gif"}
 
 

@@ -10,6 +10,7 @@ import discord
 from discord import app_commands
 
 from bot.commands import (
+    SORRY,
     Commands,
     JobUpdates,
     Reply,
@@ -132,7 +133,7 @@ class TalkMosaicBot(discord.Client):
             text = str(error.original)
         else:
             log.error("command failed", exc_info=error)
-            text = "Something went wrong on our side; please try again later."
+            text = SORRY
         if interaction.response.is_done():
             await send_followup(interaction, Reply(text, ephemeral=True))
         else:

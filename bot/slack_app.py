@@ -12,7 +12,15 @@ import aiohttp
 from slack_bolt.async_app import AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.commands import Commands, JobUpdates, Reply, check_attachment, error_reply, is_coordinate
+from bot.commands import (
+    SORRY,
+    Commands,
+    JobUpdates,
+    Reply,
+    check_attachment,
+    error_reply,
+    is_coordinate,
+)
 from core.errors import BadImage, UserError
 
 log = logging.getLogger(__name__)
@@ -139,6 +147,9 @@ def make_slack_app(
                 reply = Reply(USAGE, ephemeral=True)
         except UserError as error:
             reply = error_reply(error)
+        except Exception:
+            log.exception("/mosaic %s failed", verb)
+            reply = Reply(SORRY, ephemeral=True)
         await post(channel, user, reply)
 
     @app.event("message")

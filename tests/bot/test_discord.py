@@ -5,9 +5,11 @@ them (interaction callbacks, follow-ups with multipart files, message edits).
 
 import asyncio
 import time
+from datetime import UTC, datetime, timedelta
 
 import discord
 import pytest
+from discord.utils import time_snowflake
 
 from bot.discord_bot import TalkMosaicBot
 from core.mosaic import preview_image
@@ -19,6 +21,7 @@ from tests.bot.discord_stand_in import (
     CHANNEL_ID,
     DEFER_WITH_THINKING,
     EPHEMERAL,
+    USER_ID,
     DiscordStandIn,
     attachment_payload,
     interaction_payload,
@@ -285,3 +288,29 @@ async def test_messages_from_bots_are_ignored(bot, stand_in, mosaic):
     )
     await show_mosaic(bot, stand_in)
     assert not stand_in.api("POST", "/channels/")
+
+
+async def test_an_answer_after_the_interaction_token_expired_goes_to_the_channel(
+    bot, stand_in, worker, vehicle_photos
+):
+    data = ask_data(stand_in, vehicle_photos[3].read_bytes(), "image/jpeg", "Which fuel?")
+    payload = interaction_payload(data)
+    payload["id"] = str(time_snowflake(datetime.now(UTC) - timedelta(minutes=16)))
+    bot._connection.parse_interaction_create(payload)
+    [answer] = await stand_in.wait_for(lambda _: channel_posts(stand_in))
+    assert answer.content == f"<@{USER_ID}> Fake answer to: Which fuel?"
+    assert not followups(stand_in, payload["token"])
+
+
+async def test_an_unexpected_failure_is_one_ephemeral_sentence(bot, stand_in, monkeypatch):
+    async def broken(*_args):
+        raise RuntimeError("database on fire")
+
+    monkeypatch.setattr(bot.commands, "tile", broken)
+    token, _ = dispatch_interaction(bot, slash("mosaic", "tile", [
+        {"name": "name", "type": 3, "value": MOSAIC_NAME},
+        {"name": "coordinate", "type": 3, "value": "C7"},
+    ]))
+    [error] = await stand_in.wait_for(lambda _: followups(stand_in, token))
+    assert error.flags & EPHEMERAL
+    assert error.content == "Something went wrong on our side; please try again later."

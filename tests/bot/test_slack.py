@@ -241,3 +241,14 @@ async def test_the_status_message_is_edited_as_the_queue_moves(
     assert "Your question is #2 in the queue." in edits
     assert edits.index("Your question is #2 in the queue.") < edits.index(
         "Working on your question.")
+
+
+async def test_an_unexpected_failure_is_one_ephemeral_sentence(app, stand_in, commands,
+                                                               monkeypatch):
+    async def broken(*_args):
+        raise RuntimeError("database on fire")
+
+    monkeypatch.setattr(commands, "mosaics", broken)
+    await dispatch(app, slash_command("list"))
+    [error] = await stand_in.wait_for(lambda _: stand_in.api("chat.postEphemeral"))
+    assert error.args["text"] == "Something went wrong on our side; please try again later."
