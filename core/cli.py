@@ -187,14 +187,10 @@ def mosaic_build(ctx: AppContext, args: argparse.Namespace) -> int:
     if not args.target.is_file():
         print(f"error: {args.target} does not exist.", file=sys.stderr)
         return 1
-    try:
-        options = MosaicOptions(
-            cols=args.cols, tile_px=args.tile, max_uses=args.max_uses, spacing=args.spacing,
-            blend=args.blend, shift=args.shift, adapt=args.adapt, seed=args.seed,
-        ).checked()
-    except ValueError as error:
-        print(f"error: {error}.", file=sys.stderr)
-        return 2
+    options = MosaicOptions(
+        cols=args.cols, tile_px=args.tile, max_uses=args.max_uses, spacing=args.spacing,
+        blend=args.blend, shift=args.shift, adapt=args.adapt, seed=args.seed,
+    )
     mosaic = build_mosaic(ctx, args.target.read_bytes(), args.name, options=options,
                           progress=console_progress())
     stats = mosaic.settings["stats"]

@@ -19,6 +19,7 @@ from core.context import AppContext
 from core.errors import (
     BadCoordinate,
     BadMosaicName,
+    BadMosaicOptions,
     EmptyLibrary,
     LibraryTooSmall,
     MosaicExists,
@@ -34,6 +35,7 @@ Progress = Callable[[str, int, int], None]
 
 MAX_NAME_CHARS = 80
 MAX_COLS = 300
+MAX_TILES = 40_000
 # Distance chunks stay under this many bytes however large the library and the grid are.
 DISTANCE_BUDGET_BYTES = 64 * 1024 * 1024
 
@@ -61,17 +63,20 @@ class MosaicOptions:
     seed: int = 0
 
     def checked(self) -> "MosaicOptions":
-        if not 1 <= self.cols <= MAX_COLS:
-            raise ValueError(f"cols must be between 1 and {MAX_COLS}")
-        if not 4 <= self.tile_px <= 256:
-            raise ValueError("tile_px must be between 4 and 256")
-        if self.max_uses is not None and self.max_uses < 1:
-            raise ValueError("max_uses must be at least 1")
-        if self.spacing < 0 or self.candidates < 1 or self.temperature <= 0:
-            raise ValueError("spacing must be >= 0, candidates >= 1 and temperature > 0")
-        for name in ("blend", "shift", "adapt"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be between 0 and 1")
+        """Self, or BadMosaicOptions naming the first value out of range."""
+        problems = [
+            (not 1 <= self.cols <= MAX_COLS, f"Columns must be between 1 and {MAX_COLS}."),
+            (not 4 <= self.tile_px <= 256, "The tile size must be between 4 and 256 pixels."),
+            (self.max_uses is not None and self.max_uses < 1, "Max uses must be at least 1."),
+            (not 0 <= self.spacing <= 50, "The spacing must be between 0 and 50 tiles."),
+            (not 1 <= self.candidates <= 1024, "Candidates must be between 1 and 1024."),
+            (not 0 < self.temperature <= 100, "The temperature must be above 0, at most 100."),
+            *((not 0 <= getattr(self, name) <= 1, f"{name.capitalize()} must be between 0 and 1.")
+              for name in ("blend", "shift", "adapt")),
+        ]
+        for failed, sentence in problems:
+            if failed:
+                raise BadMosaicOptions(sentence)
         return self
 
 
@@ -454,6 +459,7 @@ def build_mosaic(
             raise MosaicExists(f'There is already a mosaic named "{name}" here.')
     image = decode_image(target, ctx.settings.max_image_pixels)
     rows = grid_rows(image.width, image.height, options.cols)
+    _check_grid(rows, options, ctx.settings.max_image_pixels)
     image = crop_to_grid(image, rows, options.cols)
     library = LibraryIndex.load(ctx)
     if len(library.car_ids) == 0:
@@ -515,6 +521,16 @@ def _thumbnails(
 ) -> dict[int, bytes]:
     by_car = library.thumbnails(ctx, car_ids)
     return {position: by_car[car] for position, car in zip(positions, car_ids, strict=True)}
+
+
+def _check_grid(rows: int, options: MosaicOptions, max_pixels: int) -> None:
+    tiles, pixels = rows * options.cols, rows * options.cols * options.tile_px**2
+    if tiles > MAX_TILES or pixels > max_pixels:
+        raise BadMosaicOptions(
+            f"At {options.cols} columns this image needs {rows} rows, {tiles:,} tiles and a "
+            f"{pixels / 1e6:.0f} MP render; the limits are {MAX_TILES:,} tiles and "
+            f"{max_pixels / 1e6:.0f} MP: use fewer columns or smaller tiles."
+        )
 
 
 def _checked_name(name: str) -> str:

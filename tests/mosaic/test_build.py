@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.errors import BadMosaicName, EmptyLibrary, LibraryTooSmall, MosaicExists
+from core.errors import (
+    BadMosaicName,
+    BadMosaicOptions,
+    EmptyLibrary,
+    LibraryTooSmall,
+    MosaicExists,
+)
 from core.gallery import find_mosaic, list_mosaics, render_bytes
 from core.library import add_car_photo
 from core.mosaic import MosaicOptions, build_mosaic, preview_image
@@ -139,3 +145,19 @@ def test_preview_has_room_for_labels_beside_the_grid(ctx, library, target):
     preview = Image.open(io.BytesIO(preview_image(ctx, mosaic)))
     assert preview.width > 8 * 32 and preview.height > mosaic.rows * 32
     assert len(preview_image(ctx, mosaic)) <= ctx.settings.preview_max_bytes
+
+
+@pytest.mark.parametrize(
+    "options", [MosaicOptions(cols=0), MosaicOptions(tile_px=1000), MosaicOptions(blend=1.5),
+                MosaicOptions(max_uses=0), MosaicOptions(temperature=0)]
+)
+def test_options_out_of_range_are_one_clear_sentence(ctx, library, target, options):
+    with pytest.raises(BadMosaicOptions) as error:
+        build_mosaic(ctx, target, "bad", options=options)
+    assert str(error.value).endswith(".") and "\n" not in str(error.value)
+
+
+def test_a_grid_too_large_to_render_is_refused_before_any_work(ctx, library):
+    sliver = png(Image.new("RGB", (10, 2000), (90, 90, 90)))
+    with pytest.raises(BadMosaicOptions, match="use fewer columns"):
+        build_mosaic(ctx, sliver, "sliver", options=MosaicOptions(cols=300))
