@@ -108,8 +108,6 @@ class Commands:
         try:
             self.cooldowns.check(user, "build")
             options = MosaicOptions(cols=columns) if columns else MosaicOptions()
-            if not 1 <= options.cols <= 300:
-                raise UserError("Columns must be between 1 and 300.")
             async with self._builds:
                 mosaic = await asyncio.to_thread(
                     build_mosaic, self.ctx, target, name, scope=scope, created_by=user,

@@ -217,3 +217,8 @@ async def test_slack_http_mode_serves_signed_requests_only(settings, commands, u
                 assert "abc" in await accepted.text()
     finally:
         await stop()
+
+
+async def test_columns_out_of_range_are_one_sentence(commands, car_library):
+    reply = await commands.build("discord:1", "discord:9", fox_image(60), "wide", 5000, LIMIT)
+    assert reply == Reply("Columns must be between 1 and 300.", ephemeral=True)
