@@ -95,8 +95,7 @@ def make_slack_app(
                                             thread_ts=thread_ts)
             return
         if reply.mosaic_id is not None:
-            hint = " Reply in this thread with a tile such as C7 to see its car."
-            posted = await client.chat_postMessage(channel=channel, text=reply.text + hint)
+            posted = await client.chat_postMessage(channel=channel, text=reply.text)
             thread_ts = posted["ts"]
             await commands.remember(PLATFORM, channel, thread_ts, reply.mosaic_id)
             await upload(channel, thread_ts, reply, comment=None)
