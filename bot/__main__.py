@@ -55,7 +55,7 @@ async def start_discord(settings: Settings, commands: Commands, updates: JobUpda
 
     bot = TalkMosaicBot(
         commands, updates, guild_id=settings.discord_guild_id,
-        message_content=getattr(settings, "discord_message_content", False),
+        message_content=settings.discord_message_content,
     )
     task = asyncio.create_task(bot.start(settings.discord_token.get_secret_value()),
                                name="discord")
@@ -92,7 +92,7 @@ async def start_slack(settings: Settings, commands: Commands, updates: JobUpdate
     else:
         app = make_slack_app(commands, updates, client=client, files=files,
                              signing_secret=settings.slack_signing_secret.get_secret_value())
-        host = getattr(settings, "slack_host", "127.0.0.1")
+        host = settings.slack_host
         runner = web.AppRunner(app.web_app(path="/slack/events", port=settings.slack_port),
                                access_log=None)
         await runner.setup()

@@ -33,9 +33,11 @@ class Settings(BaseSettings):
     # Chat platforms: an adapter starts only when its tokens are present.
     discord_token: SecretStr | None = None
     discord_guild_id: int | None = None
+    discord_message_content: bool = False
     slack_bot_token: SecretStr | None = None
     slack_app_token: SecretStr | None = None
     slack_signing_secret: SecretStr | None = None
+    slack_host: str = "127.0.0.1"
     slack_port: int = 3000
     cooldown_s: float = 5.0
 
