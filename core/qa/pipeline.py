@@ -12,7 +12,7 @@ from core.qa.retrieval import Fact, KnowledgeBase
 from core.qa.vision import VisionTagger, VisualEvidence, not_a_car_reply
 from core.worker import AnswerResult, JobView, check_question
 
-FACTS_PER_ANSWER = 4
+FACTS_PER_ANSWER = 3
 Progress = Callable[[str], None]
 
 

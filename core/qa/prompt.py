@@ -2,8 +2,9 @@
 check that turns a model's reply into a cited answer.
 
 A 135M model paraphrases loosely and forgets numbers, so the answer is made correct by
-construction: when the reply does not state the best fact's key numbers and terms, or cites no
-fact, that fact is quoted after it with its number. The reply is never rewritten, only completed.
+construction: when the reply does not state the best fact's key numbers and terms, or does not
+cite it, that fact is quoted after it with its number (and the runner-up too when retrieval
+could hardly tell the two apart). The reply is never rewritten, only completed.
 """
 
 import re
@@ -17,6 +18,8 @@ SYSTEM = (
     "sentences, using only the numbered facts and the photo evidence. Cite every fact you use "
     "with its number in brackets, like [1]. If the facts do not answer the question, say so."
 )
+# A runner-up fact scoring at least this share of the best one is quoted too when missed.
+CLOSE_CALL = 0.9
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
 _CITATION = re.compile(r"\[(\d+)\]")
 _WORD = re.compile(r"[a-z0-9]+")
@@ -74,11 +77,10 @@ def ground_answer(reply: str, facts: Sequence[tuple[Fact, float]]) -> tuple[str,
         lambda m: m.group(0) if 1 <= int(m.group(1)) <= len(facts) else "", reply.strip()
     )
     reply = re.sub(r"[ \t]+([.,;:])", r"\1", reply)
-    if facts:
-        best = facts[0][0]
-        if not states_fact(reply, best) or "[1]" not in reply:
-            quote = f"Key fact [1]: {best.text}"
-            reply = f"{reply}\n\n{quote}" if reply else quote
+    for n in _facts_to_quote(reply, facts):
+        fact = facts[n - 1][0]
+        quote = f"Key fact [{n}], {fact.title}: {fact.text}"
+        reply = f"{reply}\n\n{quote}" if reply else quote
     cited = sorted({int(n) for n in _CITATION.findall(reply)})
     sources = [
         {"n": n, "id": facts[n - 1][0].id, "title": facts[n - 1][0].title,
@@ -86,6 +88,20 @@ def ground_answer(reply: str, facts: Sequence[tuple[Fact, float]]) -> tuple[str,
         for n in cited
     ]  # fmt: skip
     return f"{reply}\n\n{sources_text(sources)}" if sources else reply, sources
+
+
+def _facts_to_quote(reply: str, facts: Sequence[tuple[Fact, float]]) -> list[int]:
+    """Numbers of the facts to quote: the best one unless the reply states and cites it, and the
+    runner-up too when retrieval could hardly tell them apart and the reply misses it as well."""
+    if not facts:
+        return []
+    quote = []
+    if not states_fact(reply, facts[0][0]) or "[1]" not in reply:
+        quote.append(1)
+    close = len(facts) > 1 and facts[1][1] >= CLOSE_CALL * facts[0][1]
+    if close and not (states_fact(reply, facts[1][0]) and "[2]" in reply):
+        quote.append(2)
+    return quote
 
 
 def sources_text(sources: Sequence[dict]) -> str:

@@ -1,0 +1,144 @@
+"""The answer pipeline: the gate, the library car's metadata in the prompt, question checks,
+timings per stage, and the worker's answer-function interface."""
+
+import io
+
+import pytest
+from PIL import Image, ImageDraw
+
+from core.errors import BadImage, BadQuestion
+from core.images import decode_image, encode_jpeg
+from core.library import add_car_photo
+from core.qa.backends import Answer
+from core.qa.pipeline import AnswerPipeline, retrieval_query
+from core.qa.prompt import grounding_text
+from core.qa.retrieval import Fact
+from core.qa.vision import VisionTagger
+from core.worker import AnswerResult, JobView
+
+FACT = Fact(
+    id="euro-6-petrol",
+    topic="standards",
+    title="Euro 6 limits for petrol cars",
+    text="Euro 6 limits a petrol car to 60 mg/km of NOx and 1000 mg/km of CO.",
+    source="Regulation (EC) 715/2007",
+    keywords=("euro 6",),
+)
+METADATA = {"make": "Peugeot", "model": "208", "year": "2019", "fuel": "petrol",
+            "co2_g_km": "104", "emission_standard": "Euro 6d-TEMP"}  # fmt: skip
+
+
+class StubKnowledgeBase:
+    def __init__(self):
+        self.queries: list[str] = []
+
+    def search(self, query: str, k: int = 5):
+        self.queries.append(query)
+        return [(FACT, 0.7)]
+
+
+class RecordingBackend:
+    """Builds the prompt a real backend would and answers with a fixed sentence."""
+
+    name = "recording"
+
+    def __init__(self):
+        self.prompts: list[str] = []
+        self.images: list = []
+
+    def answer(self, evidence, question, facts, image=None) -> Answer:
+        self.prompts.append(grounding_text(question, evidence, facts))
+        self.images.append(image)
+        return Answer("Euro 6 allows 60 mg/km of NOx [1].", [{"n": 1, "id": FACT.id}],
+                      {"generate_s": 0.01})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shared_tagger() -> VisionTagger:
+    tagger = VisionTagger()
+    tagger.model()
+    return tagger
+
+
+@pytest.fixture
+def pipeline(ctx, shared_tagger):
+    tagger = VisionTagger(ctx)
+    tagger.model = shared_tagger.model  # load EfficientNet once per module
+    return AnswerPipeline(ctx, RecordingBackend(), StubKnowledgeBase(), tagger)
+
+
+@pytest.fixture
+def car_photo(ctx, vehicle_photos) -> bytes:
+    data = vehicle_photos[3].read_bytes()
+    add_car_photo(ctx, data, vehicle_photos[3].name, METADATA)
+    return data
+
+
+def test_the_library_cars_metadata_reaches_the_prompt(pipeline, car_photo):
+    pipeline.answer(car_photo, "What emission standard does this car meet?")
+    prompt = pipeline.backend.prompts[-1]
+    assert "Peugeot 208" in prompt and "CO2 104 g/km" in prompt and "Euro 6d-TEMP" in prompt
+    assert "[1] Euro 6 limits for petrol cars" in prompt
+
+
+def test_a_reencoded_copy_brings_the_same_metadata(pipeline, car_photo):
+    image = decode_image(car_photo, 10**7)
+    copy = encode_jpeg(image.resize((300, 300), Image.Resampling.BICUBIC), 75)
+    answer = pipeline.answer(copy, "Does it pollute a lot?")
+    assert answer.evidence.match == "near duplicate"
+    assert "Peugeot 208" in pipeline.backend.prompts[-1]
+    assert "CO2 104 g/km" in pipeline.backend.prompts[-1]
+
+
+def test_the_matched_cars_fuel_and_standard_steer_retrieval(pipeline, car_photo):
+    pipeline.answer(car_photo, "Does it meet the limits?")
+    assert pipeline.kb.queries[-1] == "Does it meet the limits? (petrol, Euro 6d-TEMP)"
+
+
+def test_a_photo_without_a_car_gets_a_polite_refusal_and_no_model_call(pipeline):
+    image = Image.new("RGB", (200, 200), (120, 190, 240))
+    ImageDraw.Draw(image).ellipse([50, 40, 150, 140], fill=(30, 120, 40))
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    answer = pipeline.answer(out.getvalue(), "Which parts of this car pollute?")
+    assert "does not look like a car" in answer.text
+    assert answer.sources == [] and pipeline.backend.prompts == []
+
+
+def test_the_backend_gets_the_decoded_photo_and_stage_timings_are_reported(pipeline, car_photo):
+    answer = pipeline.answer(car_photo, "What does the catalytic converter do?")
+    assert isinstance(pipeline.backend.images[-1], Image.Image)
+    for stage in ("decode_s", "vision_s", "retrieval_s", "answer_s", "total_s", "generate_s"):
+        assert stage in answer.timings
+    assert answer.timings["total_s"] >= answer.timings["answer_s"]
+
+
+def test_a_question_without_a_photo_is_answered_from_the_knowledge_base(pipeline):
+    answer = pipeline.answer(None, "What are the Euro 6 NOx limits?")
+    assert answer.evidence is None and "[1]" in answer.text
+    assert "Photo evidence" not in pipeline.backend.prompts[-1]
+
+
+@pytest.mark.parametrize("question", ["", "   ", "x" * 5000])
+def test_empty_or_huge_questions_are_refused(pipeline, car_photo, question):
+    with pytest.raises(BadQuestion):
+        pipeline.answer(car_photo, question)
+
+
+def test_bytes_that_are_not_an_image_are_refused(pipeline):
+    with pytest.raises(BadImage):
+        pipeline.answer(b"not an image at all", "What is this?")
+
+
+def test_answer_job_fits_the_workers_answer_function(pipeline, car_photo):
+    job = JobView(id=1, user_id="u", platform="cli", question="What standard?", reply_to={},
+                  image_sha256=None, attempt=1, load_image=lambda: car_photo)  # fmt: skip
+    said: list[str] = []
+    result = pipeline.answer_job(job, said.append)
+    assert isinstance(result, AnswerResult)
+    assert result.text.startswith("Euro 6 allows") and result.sources[0]["id"] == FACT.id
+    assert said == ["Looking at the photo.", "Looking up the facts.", "Writing the answer."]
+
+
+def test_the_query_is_the_question_alone_without_a_library_match():
+    assert retrieval_query("Which tyre?", None) == "Which tyre?"
