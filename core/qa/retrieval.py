@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -156,6 +157,8 @@ class Embedder:
         self.model = AutoModel.from_pretrained(self.model_dir, dtype=torch.float32).eval()
         weights = self.model_dir / "model.safetensors"
         self.fingerprint = f"{self.model_dir.parent.name}-{weights.stat().st_size}"
+        # The fast tokenizer raises "Already borrowed" when two threads use it at once.
+        self._lock = threading.Lock()
 
     @property
     def dimension(self) -> int:
@@ -167,14 +170,14 @@ class Embedder:
 
         rows = [np.zeros((0, self.dimension), dtype=np.float32)]
         for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(
-                list(texts[start : start + self.batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=MAX_TOKENS,
-                return_tensors="pt",
-            )
-            with torch.inference_mode():
+            with self._lock, torch.inference_mode():
+                batch = self.tokenizer(
+                    list(texts[start : start + self.batch_size]),
+                    padding=True,
+                    truncation=True,
+                    max_length=MAX_TOKENS,
+                    return_tensors="pt",
+                )
                 states = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
             pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)

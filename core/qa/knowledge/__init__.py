@@ -1,0 +1,1 @@
+"""The curated, sourced car facts (facts.jsonl) that retrieval grounds answers in."""
