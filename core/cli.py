@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_library_commands(commands)
     add_mosaic_commands(commands)
+    add_ask_command(commands)
     return parser
 
 
@@ -246,6 +247,37 @@ def mosaic_tile(ctx: AppContext, args: argparse.Namespace) -> int:
     if args.out:
         args.out.write_bytes(found.image_bytes)
         print(f"Photo ({found.content_type}): {args.out}")
+    return 0
+
+
+# ask -----------------------------------------------------------------------------------------
+
+
+def add_ask_command(commands) -> None:
+    ask = commands.add_parser("ask", help="ask about a car photo; prints a cited answer")
+    ask.add_argument("photo", type=Path, help="a photo of a car (JPEG, PNG, ...)")
+    ask.add_argument("question", help='e.g. "Which parts of this car pollute?"')
+    ask.set_defaults(handler=ask_command)
+
+
+def ask_command(ctx: AppContext, args: argparse.Namespace) -> int:
+    # Imported here: the answer pipeline loads torch, which the other commands do not need.
+    from core.qa.pipeline import AnswerPipeline
+    from core.vlm.loader import ModelNotInstalled
+
+    if not args.photo.is_file():
+        print(f"error: {args.photo} does not exist.", file=sys.stderr)
+        return 1
+    try:
+        answer = AnswerPipeline(ctx).answer(
+            args.photo.read_bytes(), args.question, lambda text: print(text, file=sys.stderr)
+        )
+    except ModelNotInstalled as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(answer.text)
+    stages = [(key[:-2], value) for key, value in answer.timings.items() if key.endswith("_s")]
+    print("Timings: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in stages))
     return 0
 
 

@@ -36,6 +36,7 @@ class Answer:
     sources: list[dict] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     evidence: VisualEvidence | None = None
+    model_text: str = ""  # the model's own reply, before quoted facts and sources were added
 
 
 class AnswerBackend(Protocol):
@@ -63,12 +64,16 @@ class EmbeddedBackend:
         prblock: bool = True,
         saq: bool = True,
         max_new_tokens: int = MAX_NEW_TOKENS,
+        loaded: tuple | None = None,
     ):
+        """`loaded`: an already loaded (model, tokenizer) to switch to this backend's attention,
+        so benchmark configurations share one copy of the weights."""
         self.attention = attention or PrBlockConfig()
         self.kv_cache = kv_cache or SAQConfig()
         self.prblock = prblock
         self.saq = saq
         self.max_new_tokens = max_new_tokens
+        self._given = loaded
         self._loaded = None
         self._lock = threading.Lock()
 
@@ -78,9 +83,11 @@ class EmbeddedBackend:
             if self._loaded is None:
                 from core.vlm.attention import use_prblock
 
-                model, tokenizer = load_smollm2()
+                model, tokenizer = self._given or load_smollm2()
                 if self.prblock:
                     use_prblock(model, self.attention)
+                else:
+                    model.set_attn_implementation("sdpa")
                 self._loaded = model, tokenizer
             return self._loaded
 
@@ -114,16 +121,14 @@ class EmbeddedBackend:
             )
         new_tokens = output[0, inputs["input_ids"].shape[1] :]
         seconds = time.perf_counter() - started
-        text, sources = ground_answer(tokenizer.decode(new_tokens, skip_special_tokens=True), facts)
-        return Answer(
-            text,
-            sources,
-            {
-                "generate_s": seconds,
-                "prompt_tokens": int(inputs["input_ids"].shape[1]),
-                "new_tokens": int(new_tokens.numel()),
-            },
-        )
+        reply = tokenizer.decode(new_tokens, skip_special_tokens=True)
+        text, sources = ground_answer(reply, facts)
+        timings = {
+            "generate_s": seconds,
+            "prompt_tokens": int(inputs["input_ids"].shape[1]),
+            "new_tokens": int(new_tokens.numel()),
+        }
+        return Answer(text, sources, timings, model_text=reply)
 
 
 class VlmBackend:
@@ -225,16 +230,13 @@ class VlmBackend:
         seconds = time.perf_counter() - started
         reply = tokenizer.decode(new_tokens, skip_special_tokens=True)
         text, sources = ground_answer(reply, facts)
-        return Answer(
-            text,
-            sources,
-            {
-                "generate_s": seconds,
-                "prompt_tokens": int(inputs["input_ids"].shape[1]),
-                "new_tokens": int(new_tokens.numel()),
-                "image_tokens": sum(end - start for start, end in spans),
-            },
-        )
+        timings = {
+            "generate_s": seconds,
+            "prompt_tokens": int(inputs["input_ids"].shape[1]),
+            "new_tokens": int(new_tokens.numel()),
+            "image_tokens": sum(end - start for start, end in spans),
+        }
+        return Answer(text, sources, timings, model_text=reply)
 
 
 def check_vlm_folder(path: Path | None) -> Path:
