@@ -53,7 +53,7 @@ def test_a_reply_that_states_the_fact_is_kept_and_its_sources_listed():
 
 def test_a_reply_that_misses_the_fact_gets_it_quoted_with_its_number():
     text, sources = ground_answer("Cars are nice and pollute [2].", FACTS)
-    assert "Key fact [1], Three-way catalytic converter: A three-way catalytic converter removes" in text
+    assert "Key fact [1], Three-way catalytic converter: A three-way catalytic" in text
     assert [s["n"] for s in sources] == [1, 2]
     assert states_fact(text, CATALYST)
 

@@ -1,11 +1,13 @@
 """The photo classifier's car gate and the library match that brings a car's metadata."""
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+import core
 from core.images import decode_image, encode_jpeg
 from core.library import add_car_photo
 from core.qa.vision import VisionTagger, not_a_car_reply
@@ -59,6 +61,11 @@ def test_a_picture_without_a_car_is_refused_politely(tagger, make_image):
     reply = not_a_car_reply(evidence)
     assert "does not look like a car" in reply
     assert "please send a photo of a car" in reply
+
+
+def test_the_bundled_animal_picture_is_not_a_car(tagger):
+    panda = Path(core.__file__).parent / "assets" / "panda.png"
+    assert not tagger.describe(Image.open(panda)).is_car
 
 
 def test_real_car_photos_pass_the_gate(tagger, vehicle_photos):
