@@ -223,10 +223,12 @@ def masked_sdpa(
     """SDPA under the dense mask a sample stands for: correct for any shape, but no faster."""
     q_len, kv_len, group = query.shape[2], key.shape[2], query.shape[1] // key.shape[1]
     mask = token_mask(keep, block_size, q_len, kv_len).repeat_interleave(group, 0)[None]
+    mask = mask.to(query.device)
     if attention_mask is not None:
         mask = mask & attention_mask
     if bias is not None:
         bias = _token_bias(bias, block_size, q_len, kv_len).repeat_interleave(group, 0)
+        bias = bias.to(query.device)
         mask = torch.where(mask, bias.to(query.dtype), -math.inf)
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, scale=scale, enable_gqa=group > 1
@@ -247,18 +249,21 @@ def gather_attention(
     chosen = torch.argsort(row.int(), dim=-1, descending=True, stable=True)[:, :width]
     positions = chosen[..., None] * block_size + torch.arange(block_size)
     allowed = (torch.arange(width)[None, :, None] < count[:, None, None]) & (positions < kv_len)
-    allowed = allowed.flatten(1)[None].expand(batch, -1, -1)
-    positions = positions.flatten(1).clamp(max=kv_len - 1)
+    # Indices are worked out on the CPU (tiny), then moved to where the cache lives.
+    device = query.device
+    allowed = allowed.flatten(1)[None].expand(batch, -1, -1).to(device)
+    positions = positions.flatten(1).clamp(max=kv_len - 1).to(device)
+    chosen = chosen.to(device)
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, 0, -1][:, positions]
-    heads = torch.arange(kv_heads)[:, None]
+    heads = torch.arange(kv_heads, device=device)[:, None]
     k = F.pad(key, (0, 0, 0, pad)).view(batch, kv_heads, n_blocks, block_size, dim)
     v = F.pad(value, (0, 0, 0, pad)).view(batch, kv_heads, n_blocks, block_size, -1)
     k = k[:, heads, chosen].flatten(2, 3)
     v = v[:, heads, chosen].flatten(2, 3)
     mask = allowed[:, :, None, :]
     if bias is not None:
-        token_bias = bias[:, -1].gather(1, chosen).repeat_interleave(block_size, 1)
+        token_bias = bias[:, -1].to(device).gather(1, chosen).repeat_interleave(block_size, 1)
         mask = torch.where(mask, token_bias[None, :, None, :].to(query.dtype), -math.inf)
     q = query.reshape(batch, kv_heads, q_heads // kv_heads, query.shape[-1])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -269,10 +274,10 @@ def _causal(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
-def _block_indices(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_indices(blocks: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     counts = blocks.sum(-1, dtype=torch.int32)
     order = torch.argsort(blocks.int(), dim=-1, descending=True, stable=True).int()
-    return counts[None], order[None]
+    return counts[None].to(device), order[None].to(device)
 
 
 @cache
@@ -305,15 +310,15 @@ def flex_block_attention(
 
         partial_blocks, full_blocks = keep, torch.zeros_like(keep)
     block_mask = BlockMask.from_kv_blocks(
-        *_block_indices(partial_blocks),
-        *_block_indices(full_blocks),
+        *_block_indices(partial_blocks, query.device),
+        *_block_indices(full_blocks, query.device),
         BLOCK_SIZE=block_size,
         mask_mod=mask_mod,
         seq_lengths=(n + pad, n + pad),
     )
     score_mod = None
     if bias is not None:
-        head_bias = bias.repeat_interleave(group, 0).to(query.dtype)
+        head_bias = bias.repeat_interleave(group, 0).to(query.device, query.dtype)
 
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + head_bias[h, q_idx // block_size, kv_idx // block_size]
