@@ -262,11 +262,11 @@ def place_tiles(
 ) -> Placement:
     """Choose one library photo per cell under the use limit and the spacing.
 
-    Cells are visited in a seeded random order (a raster order would leave the last rows the
-    worst photos). Each cell samples among its candidates by the Gumbel-max trick, which draws
-    from softmax(logits), so near-ties break at random with the seed while clear winners win;
-    it takes the first sampled photo still allowed. Only when all candidates are blocked does it
-    score the whole library for that one cell (vectorised).
+    Each cell samples among its candidates by the Gumbel-max trick, which draws from
+    softmax(logits): near-ties break at random with the seed while clear winners win. Cells whose
+    sampled best match is closest go first (a raster order would leave the last rows the worst
+    photos), each taking its first sampled photo still allowed. Cells whose candidates were all
+    used up or too close are then filled from every photo left (see _fill_from_whole_library).
     """
     count, n = rows * cols, library.shape[0]
     max_uses = options.max_uses or count
@@ -275,69 +275,92 @@ def place_tiles(
             f"The library has {n} photos, and at {max_uses} uses each they fill only "
             f"{max_uses * n} of {count} cells: allow more uses or use fewer columns."
         )
+    grid = _Grid(rows, cols, options.spacing, n)
+    choice = np.empty(count, np.int64)
+    score = np.empty(count, np.float32)
     indices, distances = nearest_candidates(cells, library, options.candidates, progress)
     logits = attention_logits(distances, options.temperature)
     weights = np.exp(logits - logits.max(1, keepdims=True))
     weights /= weights.sum(1, keepdims=True)
-    order = np.argsort(-(logits + rng.gumbel(size=logits.shape)), axis=1, kind="stable")
+    perturbed = logits + rng.gumbel(size=logits.shape)
+    order = np.argsort(-perturbed, axis=1, kind="stable")
     ranked = np.take_along_axis(indices, order, axis=1).tolist()
     ranked_weights = np.take_along_axis(weights, order, axis=1)
+    priority = np.take_along_axis(perturbed, order[:, :1], axis=1)[:, 0]
 
-    reach = options.spacing
-    placed = np.full((rows + 2 * reach, cols + 2 * reach), -1, np.int64)
-    uses = np.zeros(n, np.int64)
-    choice = np.empty(count, np.int64)
-    score = np.empty(count, np.float32)
-    library_norms = (library.astype(np.float64) ** 2).sum(1)
-    whole_library = relaxed = 0
-    visit = rng.permutation(count).tolist()
-    for step, cell in enumerate(visit):
-        row, col = divmod(cell, cols)
-        near = set(placed[row : row + 2 * reach + 1, col : col + 2 * reach + 1].ravel().tolist())
+    blocked = []
+    for cell in np.argsort(-priority, kind="stable").tolist():
+        near = grid.near(cell)
         for rank, car in enumerate(ranked[cell]):
-            if uses[car] < max_uses and car not in near:
+            if grid.uses[car] < max_uses and car not in near:
                 choice[cell], score[cell] = car, ranked_weights[cell, rank]
+                grid.place(cell, car)
                 break
         else:
-            whole_library += 1
-            car, distance, spaced = _best_allowed(cells[cell], library, library_norms, uses,
-                                                  max_uses, near)
-            relaxed += not spaced
-            # Its attention weight among the cell's candidates plus itself.
-            top = logits[cell].max()
-            own = math.exp(float(attention_logits(np.float32(distance), options.temperature)) - top)
-            choice[cell] = car
-            score[cell] = own / (own + float(np.exp(logits[cell] - top).sum()))
-        uses[choice[cell]] += 1
-        placed[row + reach, col + reach] = choice[cell]
-        if progress and (step + 1) % 2000 == 0:
-            progress("placing", step + 1, count)
+            blocked.append(cell)
+    relaxed = _fill_from_whole_library(blocked, cells, library, grid, max_uses, choice, score)
     if progress:
         progress("placing", count, count)
-    return Placement(choice, score, whole_library, relaxed)
+    return Placement(choice, score, len(blocked), relaxed)
 
 
-def _best_allowed(
-    cell: np.ndarray,
+class _Grid:
+    """Which photo sits where, and how often each is used, for the spacing and the use limit."""
+
+    def __init__(self, rows: int, cols: int, reach: int, photos: int):
+        self.cols, self.reach = cols, reach
+        self.placed = np.full((rows + 2 * reach, cols + 2 * reach), -1, np.int64)
+        self.uses = np.zeros(photos, np.int64)
+
+    def near(self, cell: int) -> set[int]:
+        row, col = divmod(cell, self.cols)
+        span = 2 * self.reach + 1
+        return set(self.placed[row : row + span, col : col + span].ravel().tolist())
+
+    def place(self, cell: int, car: int) -> None:
+        row, col = divmod(cell, self.cols)
+        self.placed[row + self.reach, col + self.reach] = car
+        self.uses[car] += 1
+
+
+def _fill_from_whole_library(
+    blocked: list[int],
+    cells: np.ndarray,
     library: np.ndarray,
-    library_norms: np.ndarray,
-    uses: np.ndarray,
+    grid: _Grid,
     max_uses: int,
-    near: set[int],
-) -> tuple[int, float, bool]:
-    """The closest photo still under its use limit and not in the neighbourhood; if every such
-    photo is nearby (a tiny library), the closest under its use limit.
-    Returns (library row, its mean squared Lab distance, whether the spacing held)."""
-    # einsum, not BLAS: for one product, waking BLAS threads costs more than the product.
-    distance = library_norms - 2 * np.einsum("ij,j->i", library, cell) + float(cell @ cell)
-    distance[uses >= max_uses] = np.inf
-    spaced_distance = distance.copy()
-    spaced_distance[np.fromiter((car for car in near if car >= 0), np.int64)] = np.inf
-    best = int(np.argmin(spaced_distance))
-    spaced = bool(np.isfinite(spaced_distance[best]))
-    if not spaced:
-        best = int(np.argmin(distance))
-    return best, max(float(distance[best]), 0.0) / library.shape[1], spaced
+    choice: np.ndarray,
+    score: np.ndarray,
+    batch: int = 256,
+) -> int:
+    """Give each blocked cell the closest photo still under its use limit and outside its
+    neighbourhood, scoring a batch of cells against every photo left in one product. If every
+    photo left is nearby (a tiny library), the spacing gives way; returns how often it did."""
+    relaxed = 0
+    norms = (library.astype(np.float64) ** 2).sum(1).astype(np.float32)
+    for start in range(0, len(blocked), batch):
+        part = blocked[start : start + batch]
+        available = np.flatnonzero(grid.uses < max_uses)
+        distance = norms[available] - 2 * (cells[part] @ library[available].T)
+        for i, cell in enumerate(part):
+            row = distance[i]
+            near = np.fromiter((car for car in grid.near(cell) if car >= 0), np.int64)
+            columns = np.minimum(np.searchsorted(available, near), len(available) - 1)
+            columns = columns[available[columns] == near]
+            kept = row[columns].copy()
+            row[columns] = np.inf
+            best = int(np.argmin(row))
+            if not np.isfinite(row[best]):
+                row[columns] = kept
+                best = int(np.argmin(row))
+                relaxed += 1
+            car = int(available[best])
+            # The only candidate left for this cell: its attention weight is 1.
+            choice[cell], score[cell] = car, 1.0
+            grid.place(cell, car)
+            if grid.uses[car] >= max_uses:
+                distance[:, best] = np.inf
+    return relaxed
 
 
 # Rendering -----------------------------------------------------------------------------------

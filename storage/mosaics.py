@@ -2,7 +2,7 @@
 look a tile up by its grid position (the unique (mosaic_id, row, col) index makes that one seek).
 """
 
-from sqlalchemy import Connection, RowMapping, bindparam, func, insert, select
+from sqlalchemy import Connection, RowMapping, bindparam, insert, select
 from sqlalchemy.orm import Session
 
 from storage.models import Car, Mosaic, Tile
@@ -10,10 +10,6 @@ from storage.models import Car, Mosaic, Tile
 
 def mosaic_by_name(session: Session, scope: str, name: str) -> Mosaic | None:
     return session.scalar(select(Mosaic).where(Mosaic.owner_scope == scope, Mosaic.name == name))
-
-
-def mosaic_by_id(session: Session, mosaic_id: int) -> Mosaic | None:
-    return session.get(Mosaic, mosaic_id)
 
 
 def mosaics_in_scope(session: Session, scope: str) -> list[Mosaic]:
@@ -53,14 +49,3 @@ def tile_at(db: Session | Connection, mosaic_id: int, row: int, col: int) -> Row
     """The tile at (row, col) with its car's columns (car_id None if the car was deleted)."""
     params = {"mosaic_id": mosaic_id, "row": row, "col": col}
     return db.execute(_TILE_AT, params).mappings().one()
-
-
-def tile_rows(session: Session, mosaic_id: int) -> list[Tile]:
-    query = select(Tile).where(Tile.mosaic_id == mosaic_id).order_by(Tile.row, Tile.col)
-    return list(session.scalars(query))
-
-
-def distinct_cars(session: Session, mosaic_id: int) -> int:
-    query = select(func.count(func.distinct(Tile.car_id))).where(Tile.mosaic_id == mosaic_id)
-    return session.scalar(query) or 0
-
