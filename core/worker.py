@@ -34,7 +34,7 @@ from datetime import timedelta
 from functools import partial
 
 from core.context import AppContext
-from core.errors import BadImage, BadQuestion, QueueFull, UserError
+from core.errors import BadImage, BadQuestion, ModelNotInstalled, QueueFull, UserError
 from storage import jobs as job_rows
 from storage.media import MediaMissing, MediaStore, sha256_hex
 from storage.models import Job, utcnow
@@ -150,14 +150,12 @@ class JobQueue:
             session.flush()
             mine, everyone = job_rows.pending_counts(session, user_id)
             if mine - 1 >= self.per_user:
-                waiting = mine - 1
                 raise QueueFull(
-                    f"You already have {waiting} question{'s' if waiting != 1 else ''} waiting; "
-                    "please wait for an answer."
+                    f"You already have {_questions(mine - 1)} waiting; please wait for an answer."
                 )
             if everyone - 1 >= self.max_pending:
                 raise QueueFull(
-                    f"The queue is full ({everyone - 1} questions waiting); "
+                    f"The queue is full ({_questions(everyone - 1)} waiting); "
                     "please try again in a few minutes."
                 )
             if image is not None:
@@ -181,6 +179,10 @@ class JobQueue:
         unknown, or already over. A running job's worker drops its answer (see module doc)."""
         with self.ctx.db.session() as session:
             return job_rows.cancel_job(session, job_id, user_id)
+
+
+def _questions(count: int) -> str:
+    return f"{count} question{'s' if count != 1 else ''}"
 
 
 def _read_image(media: MediaStore, key: str | None) -> bytes | None:
@@ -410,6 +412,11 @@ class Worker:
         try:
             result = answering.result()
         except UserError as error:
+            status, values, update = "failed", {"error": str(error)}, str(error)
+        except ModelNotInstalled as error:
+            # Not the asker's fault, but its sentence says what is missing; the operator needs
+            # the log line, the asker an answer better than "something went wrong".
+            log.error("job %s: %s", job.id, error)
             status, values, update = "failed", {"error": str(error)}, str(error)
         except Exception:
             log.exception("job %s failed in worker %s", job.id, self.worker_id)

