@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 from PIL import Image
@@ -157,7 +158,11 @@ class Commands:
         """Queue a question about a photo; the reply carries the job id and queue position."""
         try:
             self.cooldowns.check(f"{platform}:{user}", "ask")
-            await self._off_loop(decode_image, image, self.ctx.settings.max_image_pixels)
+            # Decoding proves it is a whole, sane image before anything is stored or queued.
+            await self._off_loop(partial(
+                decode_image, image, self.ctx.settings.max_image_pixels,
+                max_bytes=self.ctx.settings.max_upload_bytes,
+            ))
             job = await self._off_loop(self.queue.submit, platform, user, reply_to, image, question)
         except UserError as error:
             return error_reply(error)

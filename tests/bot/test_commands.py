@@ -12,14 +12,33 @@ import pytest
 from PIL import Image
 from pydantic import SecretStr
 from slack_sdk.signature import SignatureVerifier
+from sqlalchemy import select
 
 from bot.__main__ import serve, start_slack
 from bot.commands import Commands, Cooldowns, Reply, is_coordinate, shrink_jpeg
-from storage.models import Job
-from tests.bot.conftest import MOSAIC_NAME, car_at, fake_answer, fox_image
+from core.errors import ModelNotInstalled
+from core.worker import JobQueue, Worker
+from storage.models import Job, Mosaic
+from tests.bot.conftest import MOSAIC_NAME, car_at, fake_answer, fox_image, png
 from tests.bot.slack_stand_in import SIGNING_SECRET, event_callback
+from tests.library.conftest import png_header_only
 
 LIMIT = 8 * 1024 * 1024
+QUESTION = "Which parts of this car pollute?"
+
+
+def truncated(photo: bytes) -> bytes:
+    return photo[: len(photo) // 2]
+
+
+def job_count(ctx) -> int:
+    with ctx.db.session() as session:
+        return session.query(Job).count()
+
+
+def mosaic_names(ctx) -> list[str]:
+    with ctx.db.session() as session:
+        return sorted(session.scalars(select(Mosaic.name)))
 
 
 class Clock:
@@ -222,3 +241,106 @@ async def test_slack_http_mode_serves_signed_requests_only(settings, commands, u
 async def test_columns_out_of_range_are_one_sentence(commands, car_library):
     reply = await commands.build("discord:1", "discord:9", fox_image(60), "wide", 5000, LIMIT)
     assert reply == Reply("Columns must be between 1 and 300.", ephemeral=True)
+
+
+async def test_building_from_a_truncated_image_is_one_sentence(ctx, commands, mosaic):
+    reply = await commands.build("discord:1", "discord:9", truncated(fox_image()), "x", 6, LIMIT)
+    assert reply == Reply("The image file is truncated.", ephemeral=True)
+    assert mosaic_names(ctx) == [MOSAIC_NAME]
+
+
+async def test_building_from_a_decompression_bomb_is_one_sentence(ctx, commands, mosaic):
+    bomb = png_header_only(50_000, 50_000)
+    reply = await commands.build("discord:1", "discord:9", bomb, "x", 6, LIMIT)
+    assert reply == Reply("The image claims too many pixels (a decompression bomb).",
+                          ephemeral=True)
+    assert mosaic_names(ctx) == [MOSAIC_NAME]
+
+
+async def test_showing_an_unknown_mosaic_is_one_sentence(commands, mosaic):
+    reply = await commands.show("discord:1", "discord:9", "wolf", LIMIT)
+    assert reply == Reply('There is no mosaic named "wolf" here.', ephemeral=True)
+
+
+async def test_a_tile_of_an_unknown_mosaic_is_one_sentence(commands, mosaic):
+    reply = await commands.tile("discord:1", "wolf", "C7", LIMIT)
+    assert reply == Reply('There is no mosaic named "wolf" here.', ephemeral=True)
+
+
+async def test_a_tile_off_the_grid_is_one_sentence(commands, mosaic):
+    reply = await commands.tile("discord:1", MOSAIC_NAME, "K11", LIMIT)
+    assert reply == Reply(
+        "K11 is off the grid: columns run from A to J and rows from 1 to 10.", ephemeral=True
+    )
+
+
+async def test_a_reply_off_the_grid_under_a_mosaic_is_one_sentence(commands, mosaic):
+    await commands.remember("slack", "C1", "1.0001", mosaic.id)
+    reply = await commands.tile_for_message("slack", "C1", "1.0001", "Z99", LIMIT)
+    assert reply == Reply(
+        "Z99 is off the grid: columns run from A to J and rows from 1 to 10.", ephemeral=True
+    )
+
+
+async def test_asking_about_a_truncated_photo_queues_nothing(ctx, commands, vehicle_photos):
+    photo = truncated(vehicle_photos[0].read_bytes())
+    reply = await commands.ask("discord", "u1", {}, photo, QUESTION)
+    assert reply == Reply("The image file is truncated.", ephemeral=True)
+    assert job_count(ctx) == 0
+
+
+async def test_asking_about_a_decompression_bomb_queues_nothing(ctx, commands):
+    reply = await commands.ask("discord", "u1", {}, png_header_only(50_000, 50_000), QUESTION)
+    assert reply == Reply("The image claims too many pixels (a decompression bomb).",
+                          ephemeral=True)
+    assert job_count(ctx) == 0
+
+
+async def test_asking_about_a_photo_over_the_upload_limit_queues_nothing(ctx, commands):
+    ctx.settings = ctx.settings.model_copy(update={"max_upload_bytes": 1024 * 1024})
+    noise = png(Image.effect_noise((800, 800), 80).convert("RGB"))
+    assert len(noise) > 1024 * 1024
+    reply = await commands.ask("discord", "u1", {}, noise, QUESTION)
+    assert reply == Reply("The image is larger than 1 MiB.", ephemeral=True)
+    assert job_count(ctx) == 0
+
+
+async def test_an_overlong_question_is_refused(ctx, commands, vehicle_photos):
+    reply = await commands.ask("discord", "u1", {}, vehicle_photos[0].read_bytes(), "why? " * 300)
+    assert reply == Reply(
+        "Your question is 1,499 characters long; please keep it under 1,000.", ephemeral=True
+    )
+    assert job_count(ctx) == 0
+
+
+async def test_a_full_queue_is_one_sentence_and_keeps_the_waiting_questions(
+    ctx, vehicle_photos
+):
+    commands = Commands(ctx, JobQueue(ctx, max_pending=1, per_user=5), Cooldowns(0))
+    photo = vehicle_photos[0].read_bytes()
+    first = await commands.ask("discord", "u1", {}, photo, QUESTION)
+    refused = await commands.ask("discord", "u2", {}, photo, QUESTION)
+    assert refused == Reply(
+        "The queue is full (1 question waiting); please try again in a few minutes.",
+        ephemeral=True,
+    )
+    assert first.job_id is not None and job_count(ctx) == 1
+
+
+async def test_a_missing_model_reaches_the_asker_as_its_sentence(
+    ctx, commands, updates, vehicle_photos
+):
+    missing = "The photo classifier is not installed: run `pip install efficientnet-lite-pytorch`."
+
+    def needs_a_model(job, progress):
+        raise ModelNotInstalled(missing)
+
+    log: list = []
+
+    async def show(text: str) -> RecordedStatus:
+        return RecordedStatus(log)
+
+    photo = vehicle_photos[0].read_bytes()
+    await updates.follow(commands.ask("discord", "u1", {}, photo, QUESTION), show)
+    await Worker(ctx, needs_a_model, on_update=updates).run_once()
+    assert log[-1] == ("finish", missing)
