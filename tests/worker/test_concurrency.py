@@ -6,17 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from datetime import timedelta
 from pathlib import Path
 
-from core.errors import QueueFull
 from core.worker import AnswerResult, JobQueue, Worker
-from storage import jobs as job_rows
-from storage.db import Database
-from storage.models import utcnow
+from tests.worker.races import claim_until_empty, submit_together
 from tests.worker.worker_process import marking_answer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,26 +103,7 @@ def test_two_worker_processes_share_fifty_jobs_without_running_one_twice(
 def test_racing_claims_on_separate_engines_never_share_a_job(ctx, settings):
     queue = JobQueue(ctx, max_pending=200, per_user=200)
     ids = [queue.submit("web", "u", {}, None, f"q{n}?").job_id for n in range(200)]
-    claimed: dict[str, list[int]] = {}
-    start = threading.Barrier(4)
-
-    def claimer(name: str) -> None:
-        db = Database.open(settings.db_url)
-        mine = claimed.setdefault(name, [])
-        start.wait()
-        while True:
-            with db.session() as session:
-                job = job_rows.claim_next(session, name, utcnow() + timedelta(seconds=60))
-            if job is None:
-                break
-            mine.append(job.id)
-        db.close()
-
-    threads = [threading.Thread(target=claimer, args=(f"t{n}",)) for n in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    claimed = claim_until_empty(settings.db_url)
     every_claim = [job_id for mine in claimed.values() for job_id in mine]
     assert sorted(every_claim) == ids
     assert sum(1 for mine in claimed.values() if mine) >= 2
@@ -135,23 +111,7 @@ def test_racing_claims_on_separate_engines_never_share_a_job(ctx, settings):
 
 def test_concurrent_submissions_respect_the_per_user_limit(ctx):
     queue = JobQueue(ctx, max_pending=50, per_user=2)
-    outcomes: list[str] = []
-    start = threading.Barrier(8)
-
-    def submit() -> None:
-        start.wait()
-        try:
-            queue.submit("web", "alice", {}, None, "Which parts pollute?")
-            outcomes.append("queued")
-        except QueueFull:
-            outcomes.append("refused")
-
-    threads = [threading.Thread(target=submit) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(outcomes) == ["queued"] * 2 + ["refused"] * 6
+    assert submit_together(queue) == ["queued"] * 2 + ["refused"] * 6
 
 
 async def test_two_workers_in_one_process_share_the_queue(ctx):

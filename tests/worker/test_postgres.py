@@ -7,20 +7,18 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from core.context import AppContext
-from core.errors import QueueFull
 from core.settings import Settings
 from core.worker import JobQueue, Worker
 from storage import jobs as job_rows
-from storage.db import Database
 from storage.models import Job, utcnow
 from tests.worker.fakes import echo_answer
+from tests.worker.races import claim_until_empty, submit_together
 
 psycopg = pytest.importorskip("psycopg")
 PORT = 55_433
@@ -66,47 +64,13 @@ def pg_ctx(postgres_socket_dir, tmp_path):
 def test_racing_claims_skip_each_others_rows(pg_ctx):
     queue = JobQueue(pg_ctx, max_pending=100, per_user=100)
     ids = [queue.submit("web", "u", {}, None, f"q{n}?").job_id for n in range(100)]
-    claimed: list[int] = []
-    start = threading.Barrier(4)
-
-    def claimer(name: str) -> None:
-        db = Database.open(pg_ctx.settings.db_url)
-        start.wait()
-        while True:
-            with db.session() as session:
-                job = job_rows.claim_next(session, name, utcnow() + timedelta(seconds=60))
-            if job is None:
-                break
-            claimed.append(job.id)
-        db.close()
-
-    threads = [threading.Thread(target=claimer, args=(f"t{n}",)) for n in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(claimed) == ids
+    claimed = claim_until_empty(pg_ctx.settings.db_url)
+    assert sorted(job_id for mine in claimed.values() for job_id in mine) == ids
 
 
 def test_concurrent_submissions_respect_the_per_user_limit(pg_ctx):
     queue = JobQueue(pg_ctx, max_pending=50, per_user=2)
-    outcomes: list[str] = []
-    start = threading.Barrier(8)
-
-    def submit() -> None:
-        start.wait()
-        try:
-            queue.submit("web", "alice", {}, None, "Which parts pollute?")
-            outcomes.append("queued")
-        except QueueFull:
-            outcomes.append("refused")
-
-    threads = [threading.Thread(target=submit) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(outcomes) == ["queued"] * 2 + ["refused"] * 6
+    assert submit_together(queue) == ["queued"] * 2 + ["refused"] * 6
 
 
 async def test_a_worker_answers_and_recovers_interrupted_jobs(pg_ctx):
