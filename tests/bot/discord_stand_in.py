@@ -2,7 +2,6 @@
 plus builders for the raw gateway payloads (INTERACTION_CREATE, MESSAGE_CREATE) fed to a client.
 """
 
-import asyncio
 import itertools
 import json
 import time
@@ -11,6 +10,8 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 from discord.utils import time_snowflake
+
+from tests.bot.recording_server import RecordingServer
 
 APP_ID = 900000000000000001
 BOT_ID = 900000000000000002
@@ -112,43 +113,23 @@ class Call:
         return (self.payload or {}).get("content") or ""
 
 
-class DiscordStandIn:
+class DiscordStandIn(RecordingServer):
     """Answers what discord.py calls and keeps the calls in `calls`, in arrival order."""
 
     def __init__(self):
+        super().__init__()
         self.calls: list[Call] = []
         self.cdn: dict[str, tuple[bytes, str]] = {}
-        self.base_url = ""
-        self._changed = asyncio.Event()
-        self._runner: web.AppRunner | None = None
 
-    async def start(self) -> "DiscordStandIn":
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+    def add_routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/cdn/{name}", self._cdn)
         app.router.add_route("*", "/api/v10/{tail:.*}", self._api)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-        return self
-
-    async def stop(self) -> None:
-        await self._runner.cleanup()
 
     def serve_file(self, name: str, data: bytes, content_type: str) -> None:
         self.cdn[name] = (data, content_type)
 
     def api(self, method: str, fragment: str = "") -> list[Call]:
         return [c for c in self.calls if c.method == method and fragment in c.path]
-
-    async def wait_for(self, condition, timeout: float = 30.0):
-        """Wait until condition(calls) is truthy; return its value."""
-        async with asyncio.timeout(timeout):
-            while not (result := condition(self.calls)):
-                self._changed.clear()
-                await self._changed.wait()
-        return result
 
     async def _cdn(self, request: web.Request) -> web.Response:
         self._record(Call("GET", request.path, dict(request.query), None, []))
@@ -177,10 +158,6 @@ class DiscordStandIn:
         # discord.py parses JSON only when the content type is exactly application/json.
         return web.Response(body=json.dumps(response).encode(),
                             headers={"Content-Type": "application/json"})
-
-    def _record(self, call: Call) -> None:
-        self.calls.append(call)
-        self._changed.set()
 
     def _answer(self, method: str, path: str, payload: dict, files: list):
         if path == "/users/@me":

@@ -3,7 +3,6 @@ it answers the methods the app calls, serves `url_private` files, takes file upl
 records every call in arrival order. Plus signed request builders for slash commands and events.
 """
 
-import asyncio
 import itertools
 import json
 import time
@@ -13,6 +12,8 @@ from urllib.parse import urlencode
 from aiohttp import web
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk.signature import SignatureVerifier
+
+from tests.bot.recording_server import RecordingServer
 
 SIGNING_SECRET = "test-signing-secret"
 BOT_TOKEN = "xoxb-test-token"
@@ -38,30 +39,18 @@ class Call:
     response: dict | None = None
 
 
-class SlackStandIn:
+class SlackStandIn(RecordingServer):
     def __init__(self):
+        super().__init__()
         self.calls: list[Call] = []
         self.files: dict[str, tuple[bytes, str]] = {}
         self.history: list[dict] = []
-        self.base_url = ""
         self._uploads = itertools.count(1)
-        self._changed = asyncio.Event()
-        self._runner: web.AppRunner | None = None
 
-    async def start(self) -> "SlackStandIn":
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+    def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/files/{name}", self._file)
         app.router.add_post("/upload/{file_id}", self._upload)
         app.router.add_route("*", "/api/{method}", self._api)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-        return self
-
-    async def stop(self) -> None:
-        await self._runner.cleanup()
 
     def serve_file(self, name: str, data: bytes, content_type: str, mimetype: str = "") -> dict:
         """Serve bytes at a url_private; returns the Slack file object pointing at it."""
@@ -72,13 +61,6 @@ class SlackStandIn:
     def api(self, method: str) -> list[Call]:
         return [c for c in self.calls if c.method == method]
 
-    async def wait_for(self, condition, timeout: float = 30.0):
-        async with asyncio.timeout(timeout):
-            while not (result := condition(self.calls)):
-                self._changed.clear()
-                await self._changed.wait()
-        return result
-
     def uploaded(self) -> list[tuple[Call, Call]]:
         """(completeUploadExternal call, raw upload call) pairs, one per uploaded file."""
         raw = {c.method.split("/")[-1]: c for c in self.calls
@@ -88,10 +70,6 @@ class SlackStandIn:
             for entry in json.loads(complete.args["files"]):
                 pairs.append((complete, raw[entry["id"]]))
         return pairs
-
-    def _record(self, call: Call) -> None:
-        self.calls.append(call)
-        self._changed.set()
 
     async def _file(self, request: web.Request) -> web.Response:
         self._record(Call(f"GET {request.path}", {}, dict(request.headers)))
