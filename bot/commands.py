@@ -5,7 +5,6 @@ A UserError becomes one ephemeral sentence; nothing else the user did shows a tr
 """
 
 import asyncio
-import io
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -13,12 +12,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
 
-from PIL import Image
-
 from core.context import AppContext
 from core.errors import BadImage, UnknownMosaic, UserError
 from core.gallery import TileLookup, find_mosaic, list_mosaics, tile_lookup
-from core.images import decode_image
+from core.images import decode_image, image_content_type, jpeg_within
 from core.mosaic import MosaicOptions, build_mosaic, format_coordinate, preview_image
 from core.worker import FINAL_EVENTS, JobQueue
 from storage.messages import mosaic_for_message, remember_message
@@ -180,7 +177,7 @@ class Commands:
             f"{verb} {mosaic.name}: {mosaic.cols}x{mosaic.rows} tiles of car photos. "
             f"Reply to this message with a tile from A1 to {last} to see the car behind it."
         )
-        kind = "png" if preview.startswith(b"\x89PNG") else "jpg"
+        kind = EXTENSIONS.get(image_content_type(preview), "jpg")
         return Reply(text, files=[(f"{_file_stem(mosaic.name)}.{kind}", preview)],
                      mosaic_id=mosaic.id)
 
@@ -244,27 +241,13 @@ async def _tile_reply(mosaic: Mosaic, found: TileLookup, max_bytes: int) -> Repl
     image = found.image_bytes
     content_type = found.content_type
     if len(image) > max_bytes:
-        image = await asyncio.to_thread(shrink_jpeg, image, max_bytes)
+        image = await asyncio.to_thread(jpeg_within, image, max_bytes)
         content_type = "image/jpeg"
     text = f"{found.label} of {mosaic.name}: {describe_car(found.car_info)}."
     if found.note:
         text += " " + found.note
     name = f"{_file_stem(mosaic.name)}-{found.label}.{EXTENSIONS.get(content_type, 'jpg')}"
     return Reply(text, files=[(name, image)])
-
-
-def shrink_jpeg(data: bytes, max_bytes: int) -> bytes:
-    """Re-encode an image as a JPEG that fits max_bytes, halving its size until it does."""
-    try:
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-    except OSError as error:
-        raise BadImage("That picture could not be read.") from error
-    while True:
-        out = io.BytesIO()
-        image.save(out, "JPEG", quality=85)
-        if out.tell() <= max_bytes or min(image.size) <= 16:
-            return out.getvalue()
-        image = image.resize((max(1, image.width // 2), max(1, image.height // 2)))
 
 
 def _file_stem(name: str) -> str:

@@ -6,16 +6,15 @@ taken from the request. Bound to 127.0.0.1 unless the settings say otherwise.
 
 import asyncio
 import html
-import io
 from functools import lru_cache
 from importlib.resources import files
 
 from aiohttp import web
-from PIL import Image
 
 from core.context import AppContext
 from core.errors import UserError
 from core.gallery import list_mosaics, render_bytes, tile_lookup
+from core.images import image_content_type, jpeg_at_width
 from core.mosaic import format_coordinate
 from storage.models import Mosaic
 
@@ -65,17 +64,8 @@ def _mosaic_from(request: web.Request) -> Mosaic:
     return _mosaic_by_id(request.app[CTX], mosaic_id)
 
 
-@lru_cache(maxsize=32)
-def _scaled(render: bytes, width: int) -> bytes:
-    # The "light deep zoom": a screen-sized copy first, the full render only when zoomed in.
-    image = Image.open(io.BytesIO(render))
-    if image.width > width:
-        image = image.convert("RGB").resize(
-            (width, round(image.height * width / image.width)), Image.Resampling.LANCZOS
-        )
-    out = io.BytesIO()
-    image.convert("RGB").save(out, "JPEG", quality=88)
-    return out.getvalue()
+# The "light deep zoom": a screen-sized copy first, the full render only when zoomed in.
+_scaled = lru_cache(maxsize=32)(jpeg_at_width)
 
 
 async def index(request: web.Request) -> web.Response:
@@ -115,7 +105,7 @@ async def render(request: web.Request) -> web.Response:
     data = await asyncio.to_thread(render_bytes, ctx, mosaic)
     width = request.query.get("w")
     if width is None:
-        return web.Response(body=data, content_type=_image_type(data))
+        return web.Response(body=data, content_type=image_content_type(data))
     if not width.isdigit() or not 16 <= int(width) <= MAX_VIEW_WIDTH:
         raise web.HTTPBadRequest(text=f"w must be a width between 16 and {MAX_VIEW_WIDTH}.")
     scaled = await asyncio.to_thread(_scaled, data, int(width))
@@ -189,10 +179,6 @@ async def api_job(request: web.Request) -> web.Response:
             "error": job.error,
         }
     )
-
-
-def _image_type(data: bytes) -> str:
-    return "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
 
 
 @web.middleware

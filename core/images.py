@@ -164,3 +164,32 @@ def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
     out = io.BytesIO()
     image.convert("RGB").save(out, "JPEG", quality=quality, optimize=False)
     return out.getvalue()
+
+
+def image_content_type(data: bytes) -> str:
+    """The content type of an image we encoded ourselves: PNG or JPEG."""
+    return "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
+
+
+def jpeg_within(data: bytes, max_bytes: int) -> bytes:
+    """A stored image re-encoded as a JPEG of at most max_bytes (a chat's upload limit), halving
+    its size until it fits; a 16 px image is the floor, returned even if still too large."""
+    try:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+    except OSError as error:
+        raise BadImage("That picture could not be read.") from error
+    while True:
+        encoded = encode_jpeg(image, quality=85)
+        if len(encoded) <= max_bytes or min(image.size) <= 16:
+            return encoded
+        image = image.resize((max(1, image.width // 2), max(1, image.height // 2)))
+
+
+def jpeg_at_width(data: bytes, width: int) -> bytes:
+    """A stored image as a JPEG no wider than `width` (aspect kept, never enlarged)."""
+    image = Image.open(io.BytesIO(data))
+    if image.width > width:
+        image = image.convert("RGB").resize(
+            (width, round(image.height * width / image.width)), Image.Resampling.LANCZOS
+        )
+    return encode_jpeg(image, quality=88)

@@ -2,7 +2,6 @@
 mosaic messages, job status routing, and `python -m bot`'s start-up and shutdown."""
 
 import asyncio
-import io
 import json
 import socket
 import time
@@ -15,7 +14,7 @@ from slack_sdk.signature import SignatureVerifier
 from sqlalchemy import select
 
 from bot.__main__ import serve, start_slack
-from bot.commands import Commands, Cooldowns, Reply, is_coordinate, shrink_jpeg
+from bot.commands import Commands, Cooldowns, Reply, is_coordinate
 from core.errors import ModelNotInstalled
 from core.worker import JobQueue, Worker
 from storage.models import Job, Mosaic
@@ -117,13 +116,6 @@ async def test_a_tile_photo_over_the_upload_limit_is_shrunk_to_fit(commands, mos
     reply = await commands.tile("local", MOSAIC_NAME, "C7", max_bytes=1500)
     [(name, data)] = reply.files
     assert len(data) <= 1500 and name.endswith(".jpg")
-
-
-def test_shrink_jpeg_halves_until_it_fits():
-    noise = Image.effect_noise((512, 512), 80).convert("RGB")
-    out = io.BytesIO()
-    noise.save(out, "PNG")
-    assert len(shrink_jpeg(out.getvalue(), 20_000)) <= 20_000
 
 
 async def test_asking_with_something_that_is_not_an_image_queues_nothing(ctx, commands):

@@ -7,7 +7,15 @@ import pytest
 from PIL import Image
 
 from core.errors import BadImage
-from core.images import decode_image, lab_grid, lab_to_rgb, rgb_to_lab, square_thumbnail
+from core.images import (
+    decode_image,
+    jpeg_at_width,
+    jpeg_within,
+    lab_grid,
+    lab_to_rgb,
+    rgb_to_lab,
+    square_thumbnail,
+)
 from tests.library.conftest import png_header_only
 
 LIMIT = 40_000_000
@@ -117,3 +125,13 @@ def test_square_thumbnail_crops_the_centre():
     thumbnail = square_thumbnail(image, 32)
     assert thumbnail.size == (32, 32)
     assert np.asarray(thumbnail).min() > 240
+
+
+def test_jpeg_within_halves_until_it_fits():
+    noise = Image.effect_noise((512, 512), 80).convert("RGB")
+    assert len(jpeg_within(encode(noise), 20_000)) <= 20_000
+
+
+def test_jpeg_at_width_scales_down_and_keeps_the_aspect():
+    scaled = Image.open(io.BytesIO(jpeg_at_width(encode(Image.new("RGB", (400, 200))), 100)))
+    assert (scaled.format, scaled.size) == ("JPEG", (100, 50))
