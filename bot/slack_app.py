@@ -57,12 +57,15 @@ class SlackFiles:
             raise BadImage("That file has no download link; please share it again.")
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
-        async with self._session.get(url, headers=self._headers) as response:
-            content_type = response.headers.get("Content-Type", "")
-            if response.status != 200 or not content_type.lower().startswith("image/"):
-                raise BadImage("That file could not be downloaded as an image; "
-                               "please share a JPEG, PNG or WebP photo.")
-            data = await response.content.read(self.max_bytes + 1)
+        try:
+            async with self._session.get(url, headers=self._headers) as response:
+                content_type = response.headers.get("Content-Type", "")
+                if response.status != 200 or not content_type.lower().startswith("image/"):
+                    raise BadImage("That file could not be downloaded as an image; "
+                                   "please share a JPEG, PNG or WebP photo.")
+                data = await response.content.read(self.max_bytes + 1)
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise BadImage("That file could not be downloaded; please share it again.") from error
         check_attachment(content_type, len(data), self.max_bytes)
         return data
 

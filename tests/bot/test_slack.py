@@ -213,6 +213,16 @@ async def test_a_url_private_that_is_not_an_image_is_refused(app, stand_in, work
         assert session.query(Job).count() == 0
 
 
+async def test_a_download_that_fails_is_one_ephemeral_sentence(app, stand_in, worker, ctx):
+    photo = stand_in.serve_file("car.jpg", b"", "image/jpeg")
+    photo["url_private"] = "http://127.0.0.1:9/files/car.jpg"  # nothing listens there
+    await dispatch(app, event_callback(mention(stand_in, f"<@{BOT_USER}> what car?", [photo])))
+    [error] = await stand_in.wait_for(lambda _: stand_in.api("chat.postEphemeral"))
+    assert error.args["text"] == "That file could not be downloaded; please share it again."
+    with ctx.db.session() as session:
+        assert session.query(Job).count() == 0
+
+
 async def test_a_file_announced_as_not_an_image_is_not_downloaded(app, stand_in, worker):
     pdf = stand_in.serve_file("doc.pdf", b"%PDF-1.7", "application/pdf")
     await dispatch(app, event_callback(mention(stand_in, f"<@{BOT_USER}> what car?", [pdf])))
