@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from core.context import AppContext  # noqa: E402
 from core.qa.backends import EmbeddedBackend  # noqa: E402
 from core.qa.pipeline import AnswerPipeline  # noqa: E402
@@ -62,8 +64,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency-cases", type=int, default=10)
     parser.add_argument("--cases", type=int, default=0, help="quality cases (0: all)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads; 1 because the 2 cores are shared and spinning threads thrash",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "qa-cpu.txt")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     cases = json.loads(CASES.read_text(encoding="utf-8"))
     cases = cases[: args.cases] if args.cases else cases
@@ -133,9 +140,9 @@ def main() -> None:
 
     base = statistics.median(latencies[CONFIGS[0][0]])
     lines = [
-        f"Grounded Q&A on this CPU ({os.cpu_count()} cores, load average "
-        f"{os.getloadavg()[0]:.1f} at the end), SmolLM2-135M-Instruct, greedy, "
-        f"max_new_tokens 128, 3 facts per prompt",
+        f"Grounded Q&A on this CPU ({os.cpu_count()} cores shared with other jobs, "
+        f"{args.threads} torch thread(s), load average {os.getloadavg()[0]:.1f} at the end)",
+        "SmolLM2-135M-Instruct, greedy, max_new_tokens 128, 3 facts per prompt",
         "",
         f"Latency per answer (photo -> answer, {len(latency_cases)} cases, after a warm-up)",
         f"{'configuration':<36}{'p50 s':>8}{'p95 s':>8}{'tokens':>8}{'p50 vs baseline':>17}",
