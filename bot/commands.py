@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from core.context import AppContext
 from core.errors import BadImage, UnknownMosaic, UserError
@@ -19,7 +19,7 @@ from core.images import decode_image, image_content_type, jpeg_within
 from core.mosaic import MosaicOptions, build_mosaic, format_coordinate, preview_image
 from core.worker import FINAL_EVENTS, JobQueue
 from storage.messages import mosaic_for_message, remember_message
-from storage.models import Mosaic
+from storage.models import Job, Mosaic
 
 # Mosaics built from the CLI or `talkmosaic demo` live here and are visible from every chat.
 SHARED_SCOPE = "local"
@@ -31,6 +31,7 @@ COORDINATE_MESSAGE = re.compile(r"^\s*(?:[A-Za-z]{1,3}\s*\d{1,6}|\d{1,6}\s*[,;]\
 # What a user sees when something failed on our side (the log has the details).
 SORRY = "Something went wrong on our side; please try again later."
 EXTENSIONS = {"image/png": "png", "image/webp": "webp", "image/gif": "gif"}
+T = TypeVar("T")
 
 
 class CoolingDown(UserError):
@@ -96,7 +97,7 @@ class Commands:
         # the event loop of it (200 concurrent look-ups blocked the loop for 150 ms).
         self._threads = asyncio.Semaphore(OFF_LOOP_THREADS)
 
-    async def _off_loop(self, function, *args):
+    async def _off_loop(self, function: Callable[..., T], *args) -> T:
         async with self._threads:
             return await asyncio.to_thread(function, *args)
 
@@ -263,7 +264,7 @@ class JobStatus(Protocol):
 
 
 # A platform's way to answer a job it has no live status for (e.g. after a restart).
-Fallback = Callable[[object, str], Awaitable[None]]
+Fallback = Callable[[Job, str], Awaitable[None]]
 
 
 class JobUpdates:
@@ -309,6 +310,6 @@ class JobUpdates:
 
     async def _fall_back(self, job_id: int, text: str) -> None:
         job = await asyncio.to_thread(self.queue.get, job_id)
-        fallback = self._fallbacks.get(getattr(job, "platform", ""))
+        fallback = self._fallbacks.get(job.platform) if job is not None else None
         if fallback is not None:
             await fallback(job, text)

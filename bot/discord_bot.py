@@ -19,6 +19,7 @@ from bot.commands import (
     is_coordinate,
 )
 from core.errors import BadImage, UserError
+from storage.models import Job
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class TalkMosaicBot(discord.Client):
         if reply.job_id is None:
             await message.reply(reply.text, mention_author=False)
 
-    async def _answer_without_status(self, job, text: str) -> None:
+    async def _answer_without_status(self, job: Job, text: str) -> None:
         """Post an answer whose status message this process never saw (e.g. after a restart)."""
         channel_id = (job.reply_to or {}).get("channel_id")
         if not channel_id:

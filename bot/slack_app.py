@@ -22,6 +22,7 @@ from bot.commands import (
     is_coordinate,
 )
 from core.errors import BadImage, UserError
+from storage.models import Job
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def make_slack_app(
         if reply.job_id is None:
             await post(channel, user, reply, thread_ts)
 
-    async def answer_without_status(job, text: str) -> None:
+    async def answer_without_status(job: Job, text: str) -> None:
         where = job.reply_to or {}
         if where.get("channel"):
             await client.chat_postMessage(channel=where["channel"], text=text,

@@ -13,13 +13,14 @@ from aiohttp import web
 
 from core.context import AppContext
 from core.errors import UserError
-from core.gallery import list_mosaics, render_bytes, tile_lookup
+from core.gallery import TileLookup, list_mosaics, render_bytes, tile_lookup
 from core.images import image_content_type, jpeg_at_width
 from core.mosaic import format_coordinate
+from core.worker import JobQueue
 from storage.models import Mosaic
 
 CTX = web.AppKey("ctx", AppContext)
-QUEUE = web.AppKey("queue", object)
+QUEUE = web.AppKey("queue", JobQueue)
 MAX_VIEW_WIDTH = 4096
 
 
@@ -112,7 +113,7 @@ async def render(request: web.Request) -> web.Response:
     return web.Response(body=scaled, content_type="image/jpeg")
 
 
-async def _lookup(request: web.Request):
+async def _lookup(request: web.Request) -> TileLookup:
     ctx = request.app[CTX]
     mosaic = await asyncio.to_thread(_mosaic_from, request)
     try:
@@ -192,7 +193,7 @@ async def security_headers(request: web.Request, handler):
     return response
 
 
-def make_gallery_app(ctx: AppContext, queue=None) -> web.Application:
+def make_gallery_app(ctx: AppContext, queue: JobQueue | None = None) -> web.Application:
     app = web.Application(middlewares=[security_headers], client_max_size=64 * 1024)
     app[CTX] = ctx
     if queue is not None:
@@ -214,7 +215,10 @@ def make_gallery_app(ctx: AppContext, queue=None) -> web.Application:
 
 
 async def start_gallery(
-    ctx: AppContext, host: str | None = None, port: int | None = None, queue=None
+    ctx: AppContext,
+    host: str | None = None,
+    port: int | None = None,
+    queue: JobQueue | None = None,
 ) -> web.AppRunner:
     """Serve the gallery in the running event loop; returns the runner (call `cleanup()`)."""
     runner = web.AppRunner(make_gallery_app(ctx, queue), access_log=None)
