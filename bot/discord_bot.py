@@ -3,6 +3,7 @@
 Every interaction is deferred first (Discord wants an answer within 3 s); the work follows.
 """
 
+import contextlib
 import io
 import logging
 
@@ -176,6 +177,14 @@ class TalkMosaicBot(discord.Client):
         )
         if reply.job_id is None:
             await message.reply(reply.text, mention_author=False)
+
+    async def on_error(self, event_method: str, /, *args, **kwargs) -> None:
+        """An event handler failed unexpectedly: log it, and tell the message's author."""
+        log.exception("%s failed", event_method)
+        message = args[0] if args else None
+        if event_method == "on_message" and isinstance(message, discord.Message):
+            with contextlib.suppress(discord.HTTPException):
+                await message.reply(SORRY, mention_author=False)
 
     async def _answer_without_status(self, job: Job, text: str) -> None:
         """Post an answer whose status message this process never saw (e.g. after a restart)."""

@@ -151,6 +151,8 @@ def make_slack_app(
         except UserError as error:
             reply = error_reply(error)
         except Exception:
+            # Caught here, not in unexpected_failure: bolt's error path after an ack() clears
+            # the command's HTTP response, and Slack would then see the command time out.
             log.exception("/mosaic %s failed", verb)
             reply = Reply(SORRY, ephemeral=True)
         await post(channel, user, reply)
@@ -201,6 +203,17 @@ def make_slack_app(
         if where.get("channel"):
             await client.chat_postMessage(channel=where["channel"], text=text,
                                           thread_ts=where.get("thread_ts"))
+
+    @app.error
+    async def unexpected_failure(error: Exception, body: dict) -> None:
+        """An event listener's unexpected failure: logged, and one private sentence to the user."""
+        log.error("Slack listener failed", exc_info=error)
+        event = body.get("event") or {}
+        channel = event.get("channel") or body.get("channel_id")
+        user = event.get("user") or body.get("user_id")
+        if channel and user:
+            await client.chat_postEphemeral(channel=channel, user=user, text=SORRY,
+                                            thread_ts=event.get("thread_ts") or event.get("ts"))
 
     updates.add_fallback(PLATFORM, answer_without_status)
     return app

@@ -314,3 +314,15 @@ async def test_an_unexpected_failure_is_one_ephemeral_sentence(bot, stand_in, mo
     [error] = await stand_in.wait_for(lambda _: followups(stand_in, token))
     assert error.flags & EPHEMERAL
     assert error.content == "Something went wrong on our side; please try again later."
+
+
+async def test_an_unexpected_failure_on_a_coordinate_reply_is_one_sentence(
+    bot, stand_in, monkeypatch
+):
+    async def broken(*_args):
+        raise RuntimeError("database on fire")
+
+    monkeypatch.setattr(bot.commands, "tile_for_message", broken)
+    bot._connection.parse_message_create(message_payload("C7", reference=snowflake()))
+    [reply] = await stand_in.wait_for(lambda _: channel_posts(stand_in))
+    assert reply.content == "Something went wrong on our side; please try again later."

@@ -262,3 +262,18 @@ async def test_an_unexpected_failure_is_one_ephemeral_sentence(app, stand_in, co
     await dispatch(app, slash_command("list"))
     [error] = await stand_in.wait_for(lambda _: stand_in.api("chat.postEphemeral"))
     assert error.args["text"] == "Something went wrong on our side; please try again later."
+
+
+async def test_an_unexpected_failure_under_a_mosaic_thread_is_one_ephemeral_sentence(
+    app, stand_in, commands, monkeypatch
+):
+    async def broken(*_args):
+        raise RuntimeError("database on fire")
+
+    monkeypatch.setattr(commands, "tile_for_message", broken)
+    event = {"type": "message", "channel": CHANNEL, "user": USER, "text": "C7",
+             "ts": next_ts(), "thread_ts": "1790000000.000100"}
+    await dispatch(app, event_callback(event))
+    [error] = await stand_in.wait_for(lambda _: stand_in.api("chat.postEphemeral"))
+    assert error.args["text"] == "Something went wrong on our side; please try again later."
+    assert error.args["thread_ts"] == "1790000000.000100"
