@@ -6,7 +6,7 @@ taken from the request. Bound to 127.0.0.1 unless the settings say otherwise.
 
 import asyncio
 import html
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib.resources import files
 
 from aiohttp import web
@@ -24,7 +24,9 @@ QUEUE = web.AppKey("queue", JobQueue)
 MAX_VIEW_WIDTH = 4096
 
 
+@cache
 def _page(name: str) -> str:
+    # Read once: the pages ship with the package, and the event loop should not wait on disk.
     return files("bot.static").joinpath(name).read_text(encoding="utf-8")
 
 
