@@ -13,7 +13,7 @@ from bot.web import bound_port, start_gallery
 from core.gallery import tile_lookup
 from core.library import add_car_photo
 from core.mosaic import MosaicOptions, build_mosaic
-from storage.models import Car, Tile
+from tests.bot.conftest import car_at
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -48,13 +48,6 @@ async def gallery(ctx, mosaic):
     await runner.cleanup()
 
 
-def _car_bytes_at(ctx, mosaic, row: int, col: int) -> bytes:
-    with ctx.db.session() as session:
-        tile = session.query(Tile).filter_by(mosaic_id=mosaic.id, row=row, col=col).one()
-        car = session.get(Car, tile.car_id)
-        return ctx.media.read(car.media_key)
-
-
 async def test_gallery_lists_mosaics(gallery, mosaic):
     async with aiohttp.ClientSession() as http, http.get(gallery + "/") as response:
         body = await response.text()
@@ -72,7 +65,7 @@ async def test_tile_api_returns_the_original_car(ctx, gallery, mosaic):
     assert (tile["label"], tile["row"], tile["col"]) == ("C2", 1, 2)
     assert tile["is_original"] is True
     assert tile["car"]["make"] == "Demo"
-    assert photo == _car_bytes_at(ctx, mosaic, 1, 2)
+    assert photo == car_at(ctx, mosaic, 1, 2)
 
 
 async def test_off_grid_tile_is_one_clear_sentence(gallery, mosaic):
@@ -142,7 +135,7 @@ async def test_clicking_a_tile_shows_its_car_in_the_browser(ctx, gallery, mosaic
         ARTIFACTS.mkdir(exist_ok=True)
         await page.screenshot(path=str(ARTIFACTS / "gallery-tile-click.png"))
         await browser.close()
-    assert shown == _car_bytes_at(ctx, mosaic, 1, 2)
+    assert shown == car_at(ctx, mosaic, 1, 2)
     assert shown == tile_lookup(ctx, mosaic, "C2").image_bytes
 
 
@@ -174,4 +167,4 @@ async def test_asking_about_a_tile_queues_a_job_and_shows_the_answer(ctx, mosaic
     assert empty_status == 400
     assert status["status"] == "done"
     assert status["answer"] == "A catalytic converter [1]."
-    assert seen == [_car_bytes_at(ctx, mosaic, 1, 2)]
+    assert seen == [car_at(ctx, mosaic, 1, 2)]
