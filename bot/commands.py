@@ -30,6 +30,7 @@ COOLED_COMMANDS = frozenset({"build", "show", "ask"})
 COORDINATE_MESSAGE = re.compile(r"^\s*(?:[A-Za-z]{1,3}\s*\d{1,6}|\d{1,6}\s*[,;]\s*\d{1,6})\s*$")
 # What a user sees when something failed on our side (the log has the details).
 SORRY = "Something went wrong on our side; please try again later."
+NOT_AN_IMAGE = "That file is not an image: send a JPEG, PNG or WebP photo."
 EXTENSIONS = {"image/png": "png", "image/webp": "webp", "image/gif": "gif"}
 T = TypeVar("T")
 
@@ -79,7 +80,7 @@ class Cooldowns:
 def check_attachment(content_type: str | None, size: int | None, max_bytes: int) -> None:
     """Refuse a chat attachment before downloading it: not an image, or too large."""
     if content_type is not None and not content_type.lower().startswith("image/"):
-        raise BadImage("That file is not an image: send a JPEG, PNG or WebP photo.")
+        raise BadImage(NOT_AN_IMAGE)
     if size is not None and size > max_bytes:
         raise BadImage(f"That image is over the {max_bytes // (1024 * 1024)} MiB upload limit.")
 

@@ -11,6 +11,7 @@ import discord
 from discord import app_commands
 
 from bot.commands import (
+    NOT_AN_IMAGE,
     SORRY,
     Commands,
     JobUpdates,
@@ -158,9 +159,11 @@ class TalkMosaicBot(discord.Client):
         if self.user is None or self.user not in message.mentions:
             return
         photo = _first_image(message.attachments)
-        question = _question_text(message.content, self.user)
-        if photo is None or not question:
+        if photo is None:
+            if message.attachments:
+                await message.reply(NOT_AN_IMAGE, mention_author=False)
             return
+        question = _question_text(message.content, self.user)
         try:
             image = await read_attachment(photo, self.settings.max_upload_bytes)
         except UserError as error:

@@ -13,6 +13,7 @@ from slack_bolt.async_app import AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.commands import (
+    NOT_AN_IMAGE,
     SORRY,
     Commands,
     JobUpdates,
@@ -180,8 +181,7 @@ def make_slack_app(
                   if (f.get("mimetype") or "").startswith("image/")]
         if not photos:
             if event.get("files"):
-                await post(channel, user, error_reply(BadImage(
-                    "That file is not an image: share a JPEG, PNG or WebP photo.")), thread_ts)
+                await post(channel, user, error_reply(BadImage(NOT_AN_IMAGE)), thread_ts)
             return
         try:
             image = await files.download(photos[0])

@@ -14,6 +14,7 @@ from discord.utils import time_snowflake
 from bot.discord_bot import TalkMosaicBot
 from core.mosaic import preview_image
 from storage.messages import mosaic_for_message
+from storage.models import Job
 from tests.bot.conftest import MOSAIC_NAME, car_at, fox_image
 from tests.bot.discord_stand_in import (
     APP_ID,
@@ -279,6 +280,32 @@ async def test_a_photo_with_a_question_mentioning_the_bot_is_queued_and_answered
     assert "next in line" in status.content or "in the queue" in status.content
     assert answer.content == "Fake answer to: what tyre should I buy?"
     assert str(answer.payload["message_reference"]["message_id"]) == asked["id"]
+
+
+async def test_a_file_that_is_not_an_image_mentioning_the_bot_is_one_sentence(bot, stand_in):
+    pdf = attachment_payload(stand_in.base_url, "doc.pdf", 8, "application/pdf")
+    bot._connection.parse_message_create(message_payload(
+        f"<@{BOT_ID}> what car is this?", attachments=[pdf],
+        mentions=[user_payload(BOT_ID, "talkmosaic", bot=True)],
+    ))
+    [reply] = await stand_in.wait_for(lambda _: channel_posts(stand_in))
+    assert reply.content == "That file is not an image: send a JPEG, PNG or WebP photo."
+    assert not [c for c in stand_in.calls if c.path.startswith("/cdn/")]
+
+
+async def test_a_photo_mentioning_the_bot_without_a_question_asks_for_one(
+    bot, stand_in, ctx, vehicle_photos
+):
+    photo = vehicle_photos[2].read_bytes()
+    stand_in.serve_file(CAR_JPEG, photo, "image/jpeg")
+    bot._connection.parse_message_create(message_payload(
+        f"<@{BOT_ID}>", mentions=[user_payload(BOT_ID, "talkmosaic", bot=True)],
+        attachments=[attachment_payload(stand_in.base_url, CAR_JPEG, len(photo), "image/jpeg")],
+    ))
+    [reply] = await stand_in.wait_for(lambda _: channel_posts(stand_in))
+    assert reply.content.startswith("Please ask a question about the photo")
+    with ctx.db.session() as session:
+        assert session.query(Job).count() == 0
 
 
 async def test_messages_from_bots_are_ignored(bot, stand_in, mosaic):
