@@ -23,12 +23,10 @@ from core.vlm.loader import load_smollm2
 from core.vlm.saq import StaircaseCache
 
 STAIRCASES = {
-    "SAQ 8/4/2 S128 G32 (default)": SAQConfig(),
-    "SAQ 8/4/2 S128 G32, no sinks": SAQConfig(sinks=0),
-    "SAQ 8/4/2 S128 G64": SAQConfig(group_size=64),
-    "SAQ 4/2 S128 G32": SAQConfig(bits=(4, 2)),
-    "SAQ 8/4/4 S128 G32": SAQConfig(bits=(8, 4, 4)),
-    "SAQ 2 S128 G32 (KIVI-like)": SAQConfig(bits=(2,)),
+    "SAQ 8/4 S128 G32 (default)": SAQConfig(),
+    "SAQ 8/4/2 S128 G32 (paper)": SAQConfig(bits=(8, 4, 2)),
+    "SAQ 4/2 S64 G64": SAQConfig(bits=(4, 2), residual=64, group_size=64),
+    "SAQ 2 S64 G64 (KIVI-like)": SAQConfig(bits=(2,), residual=64, group_size=64),
 }
 
 
@@ -103,7 +101,7 @@ def main() -> None:
     parser.add_argument("--prefix", type=int, default=3840, help="tokens that fill the cache")
     parser.add_argument("--score", type=int, default=256, help="tokens scored through the cache")
     parser.add_argument("--chunk", type=int, default=16, help="tokens per forward when scoring")
-    parser.add_argument("--decode", type=int, default=16, help="single-token steps timed")
+    parser.add_argument("--decode", type=int, default=8, help="single-token steps timed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 on CPU, bfloat16 on GPU")
     args = parser.parse_args()
