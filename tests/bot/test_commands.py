@@ -14,8 +14,8 @@ from slack_sdk.signature import SignatureVerifier
 from sqlalchemy import select
 
 from bot.__main__ import serve, start_slack
-from bot.commands import Commands, Cooldowns, Reply, is_coordinate
-from core.errors import ModelNotInstalled
+from bot.commands import Commands, Cooldowns, Reply, check_attachment, is_coordinate
+from core.errors import BadImage, ModelNotInstalled
 from core.worker import JobQueue, Worker
 from storage.models import Job, Mosaic
 from tests.bot.conftest import MOSAIC_NAME, car_at, fake_answer, fox_image, png
@@ -74,6 +74,16 @@ def test_coordinate_messages(text):
 @pytest.mark.parametrize("text", ["", "C", "hello C7", "C7 please", "7C"])
 def test_other_messages_are_not_coordinates(text):
     assert not is_coordinate(text)
+
+
+def test_an_attachment_announced_as_not_an_image_is_refused_before_download():
+    with pytest.raises(BadImage, match="^That file is not an image: send a JPEG, PNG or WebP"):
+        check_attachment("application/pdf", 1000, LIMIT)
+
+
+def test_an_attachment_over_the_upload_limit_is_refused_before_download():
+    with pytest.raises(BadImage, match="^That image is over the 8 MiB upload limit.$"):
+        check_attachment("image/jpeg", LIMIT + 1, LIMIT)
 
 
 async def test_cooldown_is_one_ephemeral_sentence(ctx, queue, mosaic):

@@ -248,6 +248,19 @@ async def test_ask_refuses_a_file_that_is_not_an_image(bot, stand_in, worker):
     assert not [c for c in stand_in.calls if c.path.startswith("/cdn/")]
 
 
+async def test_ask_refuses_a_photo_over_the_upload_limit_without_downloading_it(
+    bot, stand_in, ctx, worker, vehicle_photos
+):
+    data = ask_data(stand_in, vehicle_photos[0].read_bytes(), "image/jpeg", "What is it?")
+    [attachment] = data["resolved"]["attachments"].values()
+    attachment["size"] = ctx.settings.max_upload_bytes + 1  # as Discord announces it
+    token, _ = dispatch_interaction(bot, data)
+    [error] = await stand_in.wait_for(lambda _: followups(stand_in, token))
+    assert error.flags & EPHEMERAL
+    assert error.content == "That image is over the 20 MiB upload limit."
+    assert not [c for c in stand_in.calls if c.path.startswith("/cdn/")]
+
+
 async def test_context_menu_asks_about_the_photo_in_a_message(
     bot, stand_in, worker, vehicle_photos
 ):
