@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from bot.commands import Commands, JobUpdates
+from bot.web import start_gallery
 from core.context import AppContext
 from core.errors import ModelNotInstalled
 from core.settings import Settings
@@ -107,11 +108,7 @@ async def start_slack(settings: Settings, commands: Commands, updates: JobUpdate
     return stop
 
 
-async def start_web_gallery(ctx: AppContext, queue: JobQueue) -> Cleanup | None:
-    try:
-        from bot.web import start_gallery
-    except ImportError:
-        return None
+async def start_web_gallery(ctx: AppContext, queue: JobQueue) -> Cleanup:
     runner = await start_gallery(ctx, ctx.settings.gallery_host, ctx.settings.gallery_port,
                                  queue=queue)
     log.info("Gallery: http://%s:%s/", ctx.settings.gallery_host, ctx.settings.gallery_port)
@@ -136,8 +133,8 @@ async def serve(
             cleanups.append(await start_slack(settings, commands, updates))
         if not cleanups:
             log.warning("no DISCORD_TOKEN or SLACK_BOT_TOKEN set: no chat adapter started")
-        if gallery and (cleanup := await start_web_gallery(ctx, queue)):
-            cleanups.append(cleanup)
+        if gallery:
+            cleanups.append(await start_web_gallery(ctx, queue))
         if cleanup := await start_worker(ctx, updates, answer_fn):
             cleanups.append(cleanup)
         await stop.wait()
