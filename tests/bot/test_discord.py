@@ -213,9 +213,20 @@ async def test_list_names_the_mosaics(bot, stand_in, mosaic):
     assert f"{MOSAIC_NAME} (10x10 tiles)" in posted.content
 
 
+def served_attachment(stand_in, data: bytes, content_type: str = "image/jpeg") -> dict:
+    """Serve the bytes on the stand-in's CDN; returns the attachment payload pointing there."""
+    stand_in.serve_file(CAR_JPEG, data, content_type)
+    return attachment_payload(stand_in.base_url, CAR_JPEG, len(data), content_type)
+
+
+def mentioning_the_bot(text: str, attachments: list[dict]) -> dict:
+    """A MESSAGE_CREATE that mentions the bot, e.g. a photo posted with a question."""
+    return message_payload(f"<@{BOT_ID}> {text}".rstrip(), attachments=attachments,
+                           mentions=[user_payload(BOT_ID, "talkmosaic", bot=True)])
+
+
 def ask_data(stand_in, photo: bytes, content_type: str, question: str) -> dict:
-    stand_in.serve_file(CAR_JPEG, photo, content_type)
-    attachment = attachment_payload(stand_in.base_url, CAR_JPEG, len(photo), content_type)
+    attachment = served_attachment(stand_in, photo, content_type)
     return slash(None, "ask", [
         {"name": "photo", "type": 11, "value": attachment["id"]},
         {"name": "question", "type": 3, "value": question},
@@ -264,11 +275,9 @@ async def test_ask_refuses_a_photo_over_the_upload_limit_without_downloading_it(
 async def test_context_menu_asks_about_the_photo_in_a_message(
     bot, stand_in, worker, vehicle_photos
 ):
-    photo = vehicle_photos[1].read_bytes()
-    stand_in.serve_file(CAR_JPEG, photo, "image/jpeg")
     target = message_payload(
         "what emission standard does it meet?",
-        attachments=[attachment_payload(stand_in.base_url, CAR_JPEG, len(photo), "image/jpeg")],
+        attachments=[served_attachment(stand_in, vehicle_photos[1].read_bytes())],
     )
     data = {"id": snowflake(), "name": "Ask TalkMosaic", "type": 3, "target_id": target["id"],
             "resolved": {"messages": {target["id"]: target}}}
@@ -281,13 +290,8 @@ async def test_context_menu_asks_about_the_photo_in_a_message(
 async def test_a_photo_with_a_question_mentioning_the_bot_is_queued_and_answered(
     bot, stand_in, worker, vehicle_photos
 ):
-    photo = vehicle_photos[2].read_bytes()
-    stand_in.serve_file(CAR_JPEG, photo, "image/jpeg")
-    asked = message_payload(
-        f"<@{BOT_ID}> what tyre should I buy?",
-        mentions=[user_payload(BOT_ID, "talkmosaic", bot=True)],
-        attachments=[attachment_payload(stand_in.base_url, CAR_JPEG, len(photo), "image/jpeg")],
-    )
+    photo = served_attachment(stand_in, vehicle_photos[2].read_bytes())
+    asked = mentioning_the_bot("what tyre should I buy?", [photo])
     bot._connection.parse_message_create(asked)
     status, answer = await stand_in.wait_for(lambda _: channel_posts(stand_in, at_least=2))
     assert "next in line" in status.content or "in the queue" in status.content
@@ -297,10 +301,7 @@ async def test_a_photo_with_a_question_mentioning_the_bot_is_queued_and_answered
 
 async def test_a_file_that_is_not_an_image_mentioning_the_bot_is_one_sentence(bot, stand_in):
     pdf = attachment_payload(stand_in.base_url, "doc.pdf", 8, "application/pdf")
-    bot._connection.parse_message_create(message_payload(
-        f"<@{BOT_ID}> what car is this?", attachments=[pdf],
-        mentions=[user_payload(BOT_ID, "talkmosaic", bot=True)],
-    ))
+    bot._connection.parse_message_create(mentioning_the_bot("what car is this?", [pdf]))
     [reply] = await stand_in.wait_for(lambda _: channel_posts(stand_in))
     assert reply.content == "That file is not an image: send a JPEG, PNG or WebP photo."
     assert not [c for c in stand_in.calls if c.path.startswith("/cdn/")]
@@ -309,12 +310,8 @@ async def test_a_file_that_is_not_an_image_mentioning_the_bot_is_one_sentence(bo
 async def test_a_photo_mentioning_the_bot_without_a_question_asks_for_one(
     bot, stand_in, ctx, vehicle_photos
 ):
-    photo = vehicle_photos[2].read_bytes()
-    stand_in.serve_file(CAR_JPEG, photo, "image/jpeg")
-    bot._connection.parse_message_create(message_payload(
-        f"<@{BOT_ID}>", mentions=[user_payload(BOT_ID, "talkmosaic", bot=True)],
-        attachments=[attachment_payload(stand_in.base_url, CAR_JPEG, len(photo), "image/jpeg")],
-    ))
+    photo = served_attachment(stand_in, vehicle_photos[2].read_bytes())
+    bot._connection.parse_message_create(mentioning_the_bot("", [photo]))
     [reply] = await stand_in.wait_for(lambda _: channel_posts(stand_in))
     assert reply.content.startswith("Please ask a question about the photo")
     with ctx.db.session() as session:
