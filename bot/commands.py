@@ -108,6 +108,7 @@ class Commands:
         try:
             self.cooldowns.check(user, "build")
             options = MosaicOptions(cols=columns) if columns else MosaicOptions()
+            # Not _off_loop: a build would hold one of the look-ups' thread slots for seconds.
             async with self._builds:
                 mosaic = await asyncio.to_thread(
                     build_mosaic, self.ctx, target, name, scope=scope, created_by=user,
