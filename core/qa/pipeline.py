@@ -65,6 +65,7 @@ class AnswerPipeline:
             evidence = self.tagger.describe(picture, image)
             lap("vision")
             if not evidence.is_car:
+                timings["total_s"] = round(clock - started, 3)
                 return Answer(not_a_car_reply(evidence), [], timings, evidence)
         say("Looking up the facts.")
         facts = self.retrieve(question, evidence)

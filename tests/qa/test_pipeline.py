@@ -103,6 +103,7 @@ def test_a_photo_without_a_car_gets_a_polite_refusal_and_no_model_call(pipeline)
     answer = pipeline.answer(out.getvalue(), "Which parts of this car pollute?")
     assert "does not look like a car" in answer.text
     assert answer.sources == [] and pipeline.backend.prompts == []
+    assert answer.timings["total_s"] >= answer.timings["vision_s"]
 
 
 def test_the_backend_gets_the_decoded_photo_and_stage_timings_are_reported(pipeline, car_photo):
