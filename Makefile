@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint bench browser clean
+.PHONY: setup run gallery test lint bench browser clean
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	PY=$(PY) VENV=$(VENV) bash scripts/setup.sh
@@ -14,6 +14,10 @@ setup: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/talkmosaic demo
+
+# The web gallery and the Q&A worker (and the chat adapters whose tokens are set).
+gallery: $(STAMP)
+	$(BIN)/python -m bot
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest

@@ -61,6 +61,8 @@ def run_demo(ctx: AppContext, say: Callable[[str], None] = print) -> DemoResult:
     say(f"  chat preview with coordinates: {preview_path}")
     say(f"Tile {sample.label} is {describe_car(sample.car_info)}; photo: {sample_path}")
     say(f"Look up any tile with: talkmosaic mosaic tile {DEMO_NAME} B7")
+    say("Click through it in the web gallery: `make gallery` (python -m bot), then open "
+        f"http://{ctx.settings.gallery_host}:{ctx.settings.gallery_port}/")
     return DemoResult(mosaic, render_path, preview_path, sample, sample_path, built)
 
 
