@@ -32,11 +32,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=None)
     parser.add_argument("--sinks", type=int, default=None)
     parser.add_argument("--alpha", type=float, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="default: torch's own")
     parser.add_argument("--quality-tokens", type=int, default=4096, help="0 skips the model")
     parser.add_argument(
         "--settings",
         nargs="*",
-        default=["1:4", "0.5:4", "1:2", "2:8", "1:4:log"],
+        default=["1:4", "1:8", "1:10", "1:10:log", "1:12"],
         help="alpha:window[:log] settings measured on SmolLM2",
     )
     return parser.parse_args()
@@ -168,6 +169,8 @@ def quality_rows(base: PrBlockConfig, args, device: str) -> list[list[str]]:
 
 def main() -> None:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = PrBlockConfig(block_size=128) if device == "cuda" else PrBlockConfig()
     overrides = {
