@@ -15,9 +15,9 @@ class PrBlockConfig:
     """
 
     block_size: int = 64
-    # 10 blocks (640 tokens) of window: the smallest that kept SmolLM2's perplexity within ~5%
-    # at 4k tokens (bench/attention.py); 4 blocks cost ~11%.
-    window: int = 10
+    # 12 blocks (768 tokens) of window: the smallest that kept SmolLM2's perplexity within 5%
+    # at 4k tokens (bench/results/attention-cpu.txt); 10 blocks cost 5.5%, 4 blocks 11%.
+    window: int = 12
     sinks: int = 1
     alpha: float = 1.0
     beta: float = 1.0
