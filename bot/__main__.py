@@ -28,18 +28,26 @@ def _log_failure(task: asyncio.Task) -> None:
         log.error("%s stopped: %s", task.get_name(), task.exception())
 
 
+def _refuse_with(error: ModelNotInstalled) -> AnswerFn:
+    def refuse(_job, _progress):
+        raise error
+
+    return refuse
+
+
 async def start_worker(
     ctx: AppContext, updates: JobUpdates, answer_fn: AnswerFn | None = None
-) -> Cleanup | None:
-    """The answering worker; without an installed model, questions wait in the queue."""
+) -> Cleanup:
+    """The answering worker. Without an installed model it still runs, so every asker hears
+    the one sentence naming what to install instead of waiting forever."""
     if answer_fn is None:
         from core.qa.pipeline import AnswerPipeline
 
         try:
             answer_fn = (await asyncio.to_thread(AnswerPipeline, ctx)).answer_job
         except ModelNotInstalled as error:
-            log.error("questions will wait in the queue: %s", error)
-            return None
+            log.error("questions cannot be answered: %s", error)
+            answer_fn = _refuse_with(error)
     worker = Worker(ctx, answer_fn, on_update=updates)
     task = asyncio.create_task(worker.run_forever(), name="worker")
     task.add_done_callback(_log_failure)
@@ -135,8 +143,7 @@ async def serve(
             log.warning("no DISCORD_TOKEN or SLACK_BOT_TOKEN set: no chat adapter started")
         if gallery:
             cleanups.append(await start_web_gallery(ctx, queue))
-        if cleanup := await start_worker(ctx, updates, answer_fn):
-            cleanups.append(cleanup)
+        cleanups.append(await start_worker(ctx, updates, answer_fn))
         await stop.wait()
     finally:
         for cleanup in reversed(cleanups):

