@@ -79,7 +79,8 @@ def feature_rows(session: Session) -> tuple[list[int], list[str], list[bytes], l
 def thumbnails(session: Session, car_ids: list[int]) -> dict[int, bytes]:
     found: dict[int, bytes] = {}
     for start in range(0, len(car_ids), 500):
-        part = car_ids[start : start + 500]
+        # numpy integers do not bind as SQLite integers: the query would silently match nothing.
+        part = [int(car_id) for car_id in car_ids[start : start + 500]]
         query = select(Car.id, Car.thumbnail).where(Car.id.in_(part))
         found.update((car_id, thumbnail) for car_id, thumbnail in session.execute(query))
     return found

@@ -204,3 +204,11 @@ def test_photos_added_meanwhile_by_another_process_are_counted_as_known(
     report = ingest_paths(ctx, photo_dir, progress=False)
     assert (report.added, report.skipped_duplicates) == (9, 1)
     assert count(ctx) == 10
+
+
+def test_thumbnails_are_found_by_numpy_car_ids(ctx, vehicle_photos):
+    ingest_paths(ctx, vehicle_photos[:5], progress=False)
+    index = LibraryIndex.load(ctx)
+    found = index.thumbnails(ctx, index.car_ids[:3])
+    assert sorted(found) == sorted(int(i) for i in index.car_ids[:3])
+    assert all(data.startswith(b"\xff\xd8") for data in found.values())
