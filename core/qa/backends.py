@@ -51,7 +51,37 @@ class AnswerBackend(Protocol):
     ) -> Answer: ...
 
 
-class EmbeddedBackend:
+class _LazyAcceleratedModel:
+    """What both backends share: the PrFlashAttention and SAQ settings, and a model loaded once,
+    on first use, under a lock (`_load` returns the pair to keep)."""
+
+    def __init__(
+        self,
+        attention: PrBlockConfig | None,
+        kv_cache: SAQConfig | None,
+        prblock: bool,
+        saq: bool,
+        max_new_tokens: int,
+    ):
+        self.attention = attention or PrBlockConfig()
+        self.kv_cache = kv_cache or SAQConfig()
+        self.prblock = prblock
+        self.saq = saq
+        self.max_new_tokens = max_new_tokens
+        self._loaded = None
+        self._lock = threading.Lock()
+
+    def load(self):
+        with self._lock:
+            if self._loaded is None:
+                self._loaded = self._load()
+            return self._loaded
+
+    def _load(self):
+        raise NotImplementedError
+
+
+class EmbeddedBackend(_LazyAcceleratedModel):
     """SmolLM2-135M-Instruct on the CPU, greedy, with PrFlashAttention and SAQ unless turned off."""
 
     name = "embedded"
@@ -68,28 +98,19 @@ class EmbeddedBackend:
     ):
         """`loaded`: an already loaded (model, tokenizer) to switch to this backend's attention,
         so benchmark configurations share one copy of the weights."""
-        self.attention = attention or PrBlockConfig()
-        self.kv_cache = kv_cache or SAQConfig()
-        self.prblock = prblock
-        self.saq = saq
-        self.max_new_tokens = max_new_tokens
+        super().__init__(attention, kv_cache, prblock, saq, max_new_tokens)
         self._given = loaded
-        self._loaded = None
-        self._lock = threading.Lock()
 
-    def load(self):
-        """(model, tokenizer), loaded on the first call."""
-        with self._lock:
-            if self._loaded is None:
-                from core.vlm.attention import use_prblock
+    def _load(self):
+        """(model, tokenizer)."""
+        from core.vlm.attention import use_prblock
 
-                model, tokenizer = self._given or load_smollm2()
-                if self.prblock:
-                    use_prblock(model, self.attention)
-                else:
-                    model.set_attn_implementation("sdpa")
-                self._loaded = model, tokenizer
-            return self._loaded
+        model, tokenizer = self._given or load_smollm2()
+        if self.prblock:
+            use_prblock(model, self.attention)
+        else:
+            model.set_attn_implementation("sdpa")
+        return model, tokenizer
 
     def answer(
         self,
@@ -131,7 +152,7 @@ class EmbeddedBackend:
         return Answer(text, sources, timings, model_text=reply)
 
 
-class VlmBackend:
+class VlmBackend(_LazyAcceleratedModel):
     """A transformers image-text-to-text model from a local folder (VLM_MODEL_PATH): it sees the
     photo and the same grounding text. PrFlashAttention runs on its language model with the
     image tokens protected; SAQ is its KV cache (image tokens kept exact)."""
@@ -149,24 +170,12 @@ class VlmBackend:
         saq: bool = True,
         max_new_tokens: int = MAX_NEW_TOKENS,
     ):
+        super().__init__(attention, kv_cache, prblock, saq, max_new_tokens)
         self.model_path = Path(model_path) if model_path else None
         self.quantization = quantization
-        self.attention = attention or PrBlockConfig()
-        self.kv_cache = kv_cache or SAQConfig()
-        self.prblock = prblock
-        self.saq = saq
-        self.max_new_tokens = max_new_tokens
-        self._loaded = None
-        self._lock = threading.Lock()
-
-    def load(self):
-        """(model, processor), loaded on the first call."""
-        with self._lock:
-            if self._loaded is None:
-                self._loaded = self._load()
-            return self._loaded
 
     def _load(self):
+        """(model, processor)."""
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
