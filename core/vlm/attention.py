@@ -365,12 +365,15 @@ def block_sparse_attention(
     protected: Sequence[Span] = (),
     scale: float | None = None,
 ) -> torch.Tensor | None:
-    """Sample the blocks and run the right path; None when every block is kept (use SDPA).
+    """Sample the blocks and run the right path; None when every block is kept or the keys are
+    fewer than `config.dense_below` (use SDPA).
 
     Takes query (b, hq, q_len, d), key/value (b, hkv, kv_len, d), an optional bool mask
     (b, 1, q_len, kv_len); returns (b, hq, q_len, d).
     """
     q_len, kv_len = query.shape[2], key.shape[2]
+    if kv_len < config.dense_below:
+        return None
     keep = sample_blocks(
         config, q_len, kv_len, heads=key.shape[1], layer=layer, protected=protected
     )

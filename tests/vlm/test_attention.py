@@ -27,8 +27,9 @@ from core.vlm.config import PrBlockConfig
 from tests.vlm.conftest import IMAGE_TOKEN_ID, llava_prompt
 
 BLOCK = 16
-SPARSE = PrBlockConfig(block_size=BLOCK, window=1, sinks=1, alpha=0.5)
-DENSE = PrBlockConfig(block_size=BLOCK, alpha=1e9)
+# dense_below=0: the tiny shapes here must take the sparse paths, not the dense shortcut.
+SPARSE = PrBlockConfig(block_size=BLOCK, window=1, sinks=1, alpha=0.5, dense_below=0)
+DENSE = PrBlockConfig(block_size=BLOCK, alpha=1e9, dense_below=0)
 # The tiny Llama's attention shape, so the compiled kernels are shared with the model tests.
 BATCH, Q_HEADS, KV_HEADS, DIM, LENGTH = 2, 4, 2, 16, 100
 SCALE = DIM**-0.5
@@ -219,7 +220,10 @@ def test_greedy_output_with_every_block_kept_equals_sdpa(tiny_llama):
     kwargs = dict(attention_mask=attention_mask, max_new_tokens=8, do_sample=False)
     expected = tiny_llama.generate(ids, **kwargs)
     # log(1/p) = 0 when p = 1, so this config computes every block through flex and gather.
-    use_prblock(tiny_llama, PrBlockConfig(block_size=BLOCK, alpha=1e9, log_p_correction=True))
+    use_prblock(
+        tiny_llama,
+        PrBlockConfig(block_size=BLOCK, alpha=1e9, log_p_correction=True, dense_below=0),
+    )
     assert tiny_llama.config._attn_implementation == "prblock"
     assert torch.equal(tiny_llama.generate(ids, **kwargs), expected)
 
@@ -254,3 +258,12 @@ def test_tiny_llava_generates_with_its_image_tokens_protected(tiny_llava):
 def test_protected_spans_needs_a_prblock_model(tiny_llama):
     with pytest.raises(NotPrBlockModel), protected_spans(tiny_llama, [(0, 4)]):
         pass
+
+
+def test_fewer_keys_than_dense_below_take_the_dense_shortcut():
+    config = PrBlockConfig(block_size=BLOCK, window=1, sinks=1, alpha=0.5, dense_below=LENGTH + 1)
+    q = torch.randn(1, Q_HEADS, LENGTH, DIM)
+    k = torch.randn(1, KV_HEADS, LENGTH, DIM)
+    assert block_sparse_attention(q, k, k, config, scale=SCALE) is None
+    longer = PrBlockConfig(**{**config.__dict__, "dense_below": LENGTH})
+    assert block_sparse_attention(q, k, k, longer, scale=SCALE) is not None
