@@ -80,6 +80,30 @@ class _LazyAcceleratedModel:
     def _load(self):
         raise NotImplementedError
 
+    def _generate(self, model, tokenizer, inputs, cache, facts, pad_token_id: int) -> Answer:
+        """Greedy generation on the prepared inputs, then the grounded, cited answer."""
+        import torch
+
+        started = time.perf_counter()
+        with torch.inference_mode():
+            output = model.generate(
+                **inputs,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                past_key_values=cache,
+                pad_token_id=pad_token_id,
+            )
+        new_tokens = output[0, inputs["input_ids"].shape[1] :]
+        seconds = time.perf_counter() - started
+        reply = tokenizer.decode(new_tokens, skip_special_tokens=True)
+        text, sources = ground_answer(reply, facts)
+        timings = {
+            "generate_s": seconds,
+            "prompt_tokens": int(inputs["input_ids"].shape[1]),
+            "new_tokens": int(new_tokens.numel()),
+        }
+        return Answer(text, sources, timings, model_text=reply)
+
 
 class EmbeddedBackend(_LazyAcceleratedModel):
     """SmolLM2-135M-Instruct on the CPU, greedy, with PrFlashAttention and SAQ unless turned off."""
@@ -119,8 +143,6 @@ class EmbeddedBackend(_LazyAcceleratedModel):
         facts: Sequence[tuple[Fact, float]],
         image: Image.Image | None = None,
     ) -> Answer:
-        import torch
-
         from core.vlm.saq import StaircaseCache
 
         model, tokenizer = self.load()
@@ -131,25 +153,7 @@ class EmbeddedBackend(_LazyAcceleratedModel):
             return_dict=True,
         )
         cache = StaircaseCache(model.config, self.kv_cache) if self.saq else None
-        started = time.perf_counter()
-        with torch.inference_mode():
-            output = model.generate(
-                **inputs,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                past_key_values=cache,
-                pad_token_id=tokenizer.eos_token_id,
-            )
-        new_tokens = output[0, inputs["input_ids"].shape[1] :]
-        seconds = time.perf_counter() - started
-        reply = tokenizer.decode(new_tokens, skip_special_tokens=True)
-        text, sources = ground_answer(reply, facts)
-        timings = {
-            "generate_s": seconds,
-            "prompt_tokens": int(inputs["input_ids"].shape[1]),
-            "new_tokens": int(new_tokens.numel()),
-        }
-        return Answer(text, sources, timings, model_text=reply)
+        return self._generate(model, tokenizer, inputs, cache, facts, tokenizer.eos_token_id)
 
 
 class VlmBackend(_LazyAcceleratedModel):
@@ -203,8 +207,6 @@ class VlmBackend(_LazyAcceleratedModel):
         facts: Sequence[tuple[Fact, float]],
         image: Image.Image | None = None,
     ) -> Answer:
-        import torch
-
         from core.vlm.attention import protected_spans, token_spans
         from core.vlm.saq import StaircaseCache
 
@@ -226,26 +228,13 @@ class VlmBackend(_LazyAcceleratedModel):
         )
         guard = protected_spans(model, spans) if self.prblock else nullcontext()
         tokenizer = getattr(processor, "tokenizer", processor)
-        started = time.perf_counter()
-        with torch.inference_mode(), guard:
-            output = model.generate(
-                **inputs,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                past_key_values=cache,
-                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        with guard:
+            answer = self._generate(
+                model, tokenizer, inputs, cache, facts,
+                tokenizer.pad_token_id or tokenizer.eos_token_id,
             )
-        new_tokens = output[0, inputs["input_ids"].shape[1] :]
-        seconds = time.perf_counter() - started
-        reply = tokenizer.decode(new_tokens, skip_special_tokens=True)
-        text, sources = ground_answer(reply, facts)
-        timings = {
-            "generate_s": seconds,
-            "prompt_tokens": int(inputs["input_ids"].shape[1]),
-            "new_tokens": int(new_tokens.numel()),
-            "image_tokens": sum(end - start for start, end in spans),
-        }
-        return Answer(text, sources, timings, model_text=reply)
+        answer.timings["image_tokens"] = sum(end - start for start, end in spans)
+        return answer
 
 
 def check_vlm_folder(path: Path | None) -> Path:
