@@ -66,6 +66,24 @@ class Settings(BaseSettings):
             value = {**value, "bits": tuple(int(b) for b in bits if b.strip())}
         return value
 
+    @field_validator("attention", mode="before")
+    @classmethod
+    def _dense_heads_from_text(cls, value):
+        # "auto": the model's calibrated heads; "none": no dense head; "7:2,18:2": these.
+        if isinstance(value, dict) and isinstance(value.get("dense_heads"), str):
+            text = value["dense_heads"].strip().lower()
+            if text == "auto":
+                heads = None
+            else:
+                pairs = [p.split(":") for p in text.split(",") if p.strip() and text != "none"]
+                if any(len(pair) != 2 for pair in pairs):
+                    raise ValueError(
+                        f"ATTENTION__DENSE_HEADS is auto, none or layer:head pairs, not {text!r}"
+                    )
+                heads = tuple((int(layer), int(head)) for layer, head in pairs)
+            value = {**value, "dense_heads": heads}
+        return value
+
     @property
     def media_dir(self) -> Path:
         return self.data_dir / "media"

@@ -51,3 +51,16 @@ def test_tokens_never_appear_in_the_repr(monkeypatch):
     settings = Settings(_env_file=None)
     assert "very-secret-token" not in repr(settings)
     assert settings.discord_token.get_secret_value() == "very-secret-token"
+
+
+def test_dense_heads_are_auto_none_or_layer_head_pairs(monkeypatch):
+    import pytest
+
+    assert Settings(_env_file=None).attention.dense_heads is None
+    monkeypatch.setenv("ATTENTION__DENSE_HEADS", "7:2, 18:2")
+    assert Settings(_env_file=None).attention.dense_heads == ((7, 2), (18, 2))
+    monkeypatch.setenv("ATTENTION__DENSE_HEADS", "none")
+    assert Settings(_env_file=None).attention.dense_heads == ()
+    monkeypatch.setenv("ATTENTION__DENSE_HEADS", "7")
+    with pytest.raises(ValueError, match="layer:head"):
+        Settings(_env_file=None)

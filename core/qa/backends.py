@@ -21,7 +21,7 @@ from core.qa.retrieval import Fact
 from core.qa.vision import VisualEvidence
 from core.settings import Settings
 from core.vlm.config import PrBlockConfig, SAQConfig
-from core.vlm.loader import ModelNotInstalled, load_smollm2
+from core.vlm.loader import ModelNotInstalled, load_smollm2, smollm2_attention
 
 MAX_NEW_TOKENS = 128
 # A plain LLaVA-style turn for processors that ship no chat template.
@@ -131,7 +131,7 @@ class EmbeddedBackend(_LazyAcceleratedModel):
 
         model, tokenizer = self._given or load_smollm2()
         if self.prblock:
-            use_prblock(model, self.attention)
+            use_prblock(model, smollm2_attention(self.attention))
         else:
             model.set_attn_implementation("sdpa")
         return model, tokenizer

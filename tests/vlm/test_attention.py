@@ -8,12 +8,14 @@ import torch.nn.functional as F
 
 from core.vlm.attention import (
     NotPrBlockModel,
+    band_attention,
     block_sparse_attention,
     expected_density,
     flex_block_attention,
     gather_attention,
     logit_bias,
     masked_sdpa,
+    model_density,
     protected_spans,
     realised_density,
     reference_attention,
@@ -23,6 +25,7 @@ from core.vlm.attention import (
     token_spans,
     use_prblock,
 )
+from core.vlm.calibrate import calibrate_dense_heads, head_changes
 from core.vlm.config import PrBlockConfig
 from tests.vlm.conftest import IMAGE_TOKEN_ID, llava_prompt
 
@@ -267,3 +270,77 @@ def test_fewer_keys_than_dense_below_take_the_dense_shortcut():
     assert block_sparse_attention(q, k, k, config, scale=SCALE) is None
     longer = PrBlockConfig(**{**config.__dict__, "dense_below": LENGTH})
     assert block_sparse_attention(q, k, k, longer, scale=SCALE) is not None
+
+
+# --- the CPU band kernel, dense heads and their calibration
+
+
+@pytest.mark.parametrize("length", [LENGTH, 7 * BLOCK, 40, 5])
+@pytest.mark.parametrize("window", [1, 3])
+def test_band_kernel_equals_the_reference_for_any_length_window_and_dense_head(length, window):
+    config = PrBlockConfig(block_size=BLOCK, window=window, sinks=1, alpha=0.7, dense_below=0)
+    query, key, value = qkv(length, length, seed=length + window)
+    for dense_heads, protected in [((), ()), (((0, 1),), [(20, 37)]), (((0, 0), (0, 1)), ())]:
+        case = PrBlockConfig(**{**config.__dict__, "dense_heads": dense_heads})
+        keep = sample_blocks(case, length, length, heads=KV_HEADS, protected=protected)
+        out = band_attention(query, key, value, keep, BLOCK, window, SCALE)
+        expected = reference_attention(query, key, value, keep, BLOCK, scale=SCALE)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_prefill_without_padding_runs_the_band_kernel_and_equals_the_reference(monkeypatch):
+    query, key, value = qkv()
+    calls = []
+    real = band_attention
+
+    def spy(*args):
+        calls.append(args[5])
+        return real(*args)
+
+    monkeypatch.setattr("core.vlm.attention.band_attention", spy)
+    out = block_sparse_attention(query, key, value, SPARSE, scale=SCALE)
+    keep = sample_blocks(SPARSE, LENGTH, LENGTH, heads=KV_HEADS)
+    expected = reference_attention(query, key, value, keep, BLOCK, scale=SCALE)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert calls == [SPARSE.window]
+    # A padding mask goes to compiled flex instead, which takes masks.
+    block_sparse_attention(query, key, value, SPARSE, attention_mask=left_padding_mask())
+    assert calls == [SPARSE.window]
+
+
+def test_dense_heads_keep_every_causal_block_of_their_layer_only():
+    config = PrBlockConfig(**{**SPARSE.__dict__, "dense_heads": ((1, 0),)})
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()
+    layer1 = sample_blocks(config, LENGTH, LENGTH, heads=KV_HEADS, layer=1)
+    assert torch.equal(layer1[0], causal)
+    assert not torch.equal(layer1[1], causal)
+    plain = sample_blocks(SPARSE, LENGTH, LENGTH, heads=KV_HEADS, layer=1)
+    assert torch.equal(layer1[1], plain[1])
+    layer0 = sample_blocks(config, LENGTH, LENGTH, heads=KV_HEADS, layer=0)
+    assert torch.equal(layer0, sample_blocks(SPARSE, LENGTH, LENGTH, heads=KV_HEADS, layer=0))
+
+
+def test_model_density_counts_each_dense_head_as_one():
+    sampled = expected_density(SPARSE, 4 * LENGTH)
+    assert model_density(SPARSE, 4 * LENGTH, layers=2, kv_heads=2) == pytest.approx(sampled)
+    one = PrBlockConfig(**{**SPARSE.__dict__, "dense_heads": ((1, 0), (1, 0), (9, 0))})
+    assert model_density(one, 4 * LENGTH, layers=2, kv_heads=2) == pytest.approx(
+        (1 + 3 * sampled) / 4
+    )
+
+
+def test_calibration_ranks_every_head_and_restores_the_model(tiny_llama):
+    ids = torch.randint(3, 250, (1, LENGTH), generator=torch.Generator().manual_seed(3))
+    changes = head_changes(tiny_llama, ids, SPARSE)
+    assert set(changes) == {(layer, head) for layer in range(2) for head in range(KV_HEADS)}
+    values = list(changes.values())
+    assert values == sorted(values, reverse=True) and values[-1] >= 0 and values[0] > 0
+    assert tiny_llama.config._attn_implementation == "sdpa"
+    # Already-dense heads in the config are measured too, and keeping every block changes nothing.
+    with_dense = PrBlockConfig(**{**SPARSE.__dict__, "dense_heads": tuple(changes)})
+    assert head_changes(tiny_llama, ids, with_dense) == pytest.approx(changes)
+    assert max(head_changes(tiny_llama, ids, DENSE).values()) < 1e-5
+    top = calibrate_dense_heads(tiny_llama, ids, SPARSE, count=2)
+    assert top == tuple(sorted(list(changes)[:2]))
+    with pytest.raises(ValueError):
+        head_changes(tiny_llama, ids.repeat(2, 1), SPARSE)
