@@ -11,23 +11,31 @@ import statistics
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from core.vlm.attention import block_sparse_attention, expected_density, use_prblock
+from core.vlm.attention import (
+    block_sparse_attention,
+    flex_block_attention,
+    model_density,
+    sample_blocks,
+    use_prblock,
+)
 from core.vlm.config import PrBlockConfig
+from core.vlm.loader import SMOLLM2_DENSE_HEADS, smollm2_attention
 
 # SmolLM2-135M's attention shape: 9 query heads sharing 3 key/value heads of width 64.
-Q_HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
+Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 9, 3, 64, 30
 TEXT = Path("/usr/share/common-licenses/GPL-3")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=2, help="passes over all layers")
     parser.add_argument("--block-size", type=int, default=None, help="default: 64 CPU, 128 GPU")
     parser.add_argument("--window", type=int, default=None)
     parser.add_argument("--sinks", type=int, default=None)
@@ -37,8 +45,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--settings",
         nargs="*",
-        default=["1:4", "1:8", "1:10", "1:10:log", "1:12"],
-        help="alpha:window[:log] settings measured on SmolLM2",
+        default=["1:4", "1:8", "1:12", "1:8:log", "1:6:heads", "1:8:heads", "1:12:heads"],
+        help="alpha:window[:log][:heads] settings measured on SmolLM2 (heads: its calibrated "
+        "dense heads)",
     )
     return parser.parse_args()
 
@@ -55,7 +64,9 @@ def median_seconds(function, repeats: int, synchronize) -> float:
 
 
 def op_rows(config: PrBlockConfig, args, device: str) -> list[list[str]]:
-    """Attention-op time at SmolLM2's shape: prblock (sampling included) vs causal SDPA."""
+    """Attention-op time at SmolLM2's shape over all its layers (each layer samples its own
+    blocks and keeps its own dense heads): prblock (sampling included) vs causal SDPA, and on
+    a CPU also compiled flex on the same blocks (the kernel the band kernel replaced there)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
     rows = []
@@ -67,37 +78,47 @@ def op_rows(config: PrBlockConfig, args, device: str) -> list[list[str]]:
             for _ in range(2)
         )
 
-        def sdpa(q=q, k=k, v=v):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        def sdpa(layer, q=q, k=k, v=v):
+            if device == "cuda":
+                from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        def prblock(q=q, k=k, v=v):
-            out = block_sparse_attention(q, k, v, config)
-            return sdpa() if out is None else out  # None: the dense shortcut, as in a model
-
-        prblock()  # compile for this length outside the timing
-        sdpa()
-        peers = {"sdpa": sdpa, "prblock": prblock}
-        if device == "cuda":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            def sdpa_flash(q=q, k=k, v=v):
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
-            sdpa_flash()
-            peers = {"sdpa": sdpa_flash, "prblock": prblock}
-        times = {name: [] for name in peers}
-        for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
-            for name, function in peers.items():
-                times[name].append(median_seconds(function, 1, synchronize))
-        sdpa_s, prblock_s = (statistics.median(times[name]) for name in ("sdpa", "prblock"))
+        def prblock(layer, q=q, k=k, v=v):
+            out = block_sparse_attention(q, k, v, config, layer=layer)
+            return sdpa(layer) if out is None else out  # None: the dense shortcut, as in a model
+
+        peers = {"sdpa": sdpa, "prblock": prblock}
+        sparse = n >= config.dense_below
+        if device == "cpu" and sparse:
+            keeps = [
+                sample_blocks(config, n, n, heads=KV_HEADS, layer=layer) for layer in range(LAYERS)
+            ]
+
+            def flex(layer, q=q, k=k, v=v, keeps=keeps):
+                return flex_block_attention(q, k, v, keeps[layer], config.block_size)
+
+            peers["flex"] = flex
+        for function in peers.values():
+            function(0)  # compile for this length outside the timing
+        times = {name: 0.0 for name in peers}
+        for _ in range(args.repeats):  # interleaved per layer, so machine noise hits all alike
+            for layer in range(LAYERS):
+                for name, function in peers.items():
+                    times[name] += median_seconds(partial(function, layer), 1, synchronize)
+        per_layer = {name: seconds / (args.repeats * LAYERS) for name, seconds in times.items()}
+        density = model_density(config, n, LAYERS, KV_HEADS) if sparse else 1.0
+        flex_ms = f"{per_layer['flex'] * 1e3:.1f}" if "flex" in per_layer else ""
         rows.append(
             [
                 f"op {n}",
-                f"{1.0 if n < config.dense_below else expected_density(config, n):.3f}",
-                f"{sdpa_s * 1e3:.1f}",
-                f"{prblock_s * 1e3:.1f}",
-                f"{sdpa_s / prblock_s:.2f}x",
+                f"{density:.3f}",
+                f"{per_layer['sdpa'] * 1e3:.1f}",
+                f"{per_layer['prblock'] * 1e3:.1f}",
+                f"{per_layer['sdpa'] / per_layer['prblock']:.2f}x",
+                flex_ms,
                 "",
                 "",
             ]
@@ -114,8 +135,15 @@ def warm_up(config: PrBlockConfig, n: int, device: str) -> None:
 
 
 def parse_setting(text: str, base: PrBlockConfig) -> PrBlockConfig:
+    """alpha:window[:log][:heads]; heads: SmolLM2's calibrated dense heads, else none."""
     alpha, window, *flags = text.split(":")
-    return replace(base, alpha=float(alpha), window=int(window), log_p_correction="log" in flags)
+    return replace(
+        base,
+        alpha=float(alpha),
+        window=int(window),
+        log_p_correction="log" in flags,
+        dense_heads=SMOLLM2_DENSE_HEADS if "heads" in flags else (),
+    )
 
 
 def quality_rows(base: PrBlockConfig, args, device: str) -> list[list[str]]:
@@ -143,23 +171,25 @@ def quality_rows(base: PrBlockConfig, args, device: str) -> list[list[str]]:
 
     sdpa_s, sdpa_nll, sdpa_top1 = measure()
     n = ids.shape[1]
-    rows = [[f"SmolLM2 sdpa {n}", "1.000", f"{sdpa_s * 1e3:.0f}", "", "", "1.000", "1.000"]]
+    rows = [[f"SmolLM2 sdpa {n}", "1.000", f"{sdpa_s * 1e3:.0f}", "", "", "", "1.000", "1.000"]]
     for text in args.settings:
         config = parse_setting(text, base)
         use_prblock(model, config)
         warm_up(config, n, device)
         seconds, nll, top1 = measure()
         agree = (top1 == sdpa_top1).float().mean().item()
-        label = f"SmolLM2 a={config.alpha:g} w={config.window}" + (
-            " log" if config.log_p_correction else ""
-        )
+        label = f"SmolLM2 a={config.alpha:g} w={config.window}"
+        label += " log" if config.log_p_correction else ""
+        label += f" +{len(config.dense_heads)} dense" if config.dense_heads else ""
+        density = model_density(config, n, LAYERS, KV_HEADS) if n >= config.dense_below else 1.0
         rows.append(
             [
                 label,
-                f"{1.0 if n < config.dense_below else expected_density(config, n):.3f}",
+                f"{density:.3f}",
                 f"{sdpa_s * 1e3:.0f}",
                 f"{seconds * 1e3:.0f}",
                 f"{sdpa_s / seconds:.2f}x",
+                "",
                 f"{math.exp(nll - sdpa_nll):.3f}",
                 f"{agree:.3f}",
             ]
@@ -174,6 +204,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = PrBlockConfig(block_size=128) if device == "cuda" else PrBlockConfig()
+    base = smollm2_attention(base)
     overrides = {
         name: getattr(args, name)
         for name in ("block_size", "window", "sinks", "alpha")
@@ -184,13 +215,23 @@ def main() -> None:
     if args.quality_tokens:
         rows += quality_rows(base, args, device)
     peer = "sdpa flash" if device == "cuda" else "sdpa"
-    header = ["case", "density", f"{peer} ms", "prblock ms", "speedup", "ppl ratio", "top-1"]
+    header = [
+        "case",
+        "density",
+        f"{peer} ms",
+        "prblock ms",
+        "speedup",
+        "flex ms",
+        "ppl ratio",
+        "top-1",
+    ]
     print(
         f"PrFlashAttention vs {peer} on {device} ({torch.get_num_threads()} threads), "
         f"block {base.block_size}, window {base.window}, sinks {base.sinks}, "
-        f"alpha {base.alpha:g}, beta {base.beta:g}, dense below {base.dense_below}; "
-        "op rows at SmolLM2 shape "
-        f"({Q_HEADS}q/{KV_HEADS}kv heads x {HEAD_DIM}), median of {args.repeats}"
+        f"alpha {base.alpha:g}, beta {base.beta:g}, dense below {base.dense_below}, "
+        f"dense heads {len(base.dense_heads)}; op rows: per layer, over SmolLM2's "
+        f"{LAYERS} layers ({Q_HEADS}q/{KV_HEADS}kv heads x {HEAD_DIM}), x{args.repeats}; "
+        "density: share of causal blocks computed, dense heads included"
     )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, ["-" * w for w in widths], *rows]:
