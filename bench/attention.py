@@ -41,6 +41,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sinks", type=int, default=None)
     parser.add_argument("--alpha", type=float, default=None)
     parser.add_argument("--threads", type=int, default=None, help="default: torch's own")
+    parser.add_argument(
+        "--no-flex", action="store_true", help="skip the compiled-flex column on a CPU"
+    )
     parser.add_argument("--quality-tokens", type=int, default=4096, help="0 skips the model")
     parser.add_argument(
         "--settings",
@@ -92,7 +95,7 @@ def op_rows(config: PrBlockConfig, args, device: str) -> list[list[str]]:
 
         peers = {"sdpa": sdpa, "prblock": prblock}
         sparse = n >= config.dense_below
-        if device == "cpu" and sparse:
+        if device == "cpu" and sparse and not args.no_flex:
             keeps = [
                 sample_blocks(config, n, n, heads=KV_HEADS, layer=layer) for layer in range(LAYERS)
             ]
