@@ -360,6 +360,7 @@ def _flash_cpu(query, key, value, mask=None, scale=None):
 
 
 def _sdpa_causal(query, key, value, keep, block_size, window, scale):
+    """Dense causal SDPA, with `band_attention`'s signature (the block arguments unused)."""
     return F.scaled_dot_product_attention(
         query, key, value, is_causal=True, scale=scale, enable_gqa=query.shape[1] > key.shape[1]
     )
@@ -408,11 +409,11 @@ def band_attention(
     counts = far.sum(-1)
     cols = torch.argsort(far.int(), dim=-1, descending=True, stable=True)
     # Flat indices: problem p = head * rows + row; key block head * n_blocks + col.
-    problems = [(c, (counts.flatten() == c).nonzero().flatten()) for c in counts.unique().tolist()]
+    by_count = [(c, (counts.flatten() == c).nonzero().flatten()) for c in counts.unique().tolist()]
     offsets = (torch.arange(kv_heads) * n_blocks)[:, None, None]
     buckets = [
         (p.to(query.device), (cols + offsets).flatten(0, 1)[p, :c].flatten().to(query.device))
-        for c, p in problems
+        for c, p in by_count
         if c
     ]
     # The band's diagonal block: query t of the block sees keys up to its own position.
@@ -433,13 +434,13 @@ def band_attention(
             q, k.as_strided(shape, strides), v.as_strided(shape, strides), band_mask, scale
         )
         if buckets:
-            _merge_far_blocks(q, k, v, o, lse, buckets, cols, size, scale)
+            _merge_far_blocks(q, k, v, o, lse, buckets, size, scale)
         rest = out[b, :, prefix:].view(kv_heads, group, rows, size, -1)
         rest.copy_(o.view(kv_heads, rows, group, size, -1).transpose(1, 2))
     return out[:, :, :n]
 
 
-def _merge_far_blocks(q, k, v, o, lse, buckets, cols, size, scale) -> None:
+def _merge_far_blocks(q, k, v, o, lse, buckets, size, scale) -> None:
     """Attend each bucket's problems to their far blocks; merge into (o, lse) by log-sum-exp."""
     kv_heads, rows, width, dim = q.shape
     problems = q.view(kv_heads * rows, width, dim)
