@@ -75,7 +75,8 @@ class Settings(BaseSettings):
             if text == "auto":
                 heads = None
             else:
-                pairs = [p.split(":") for p in text.split(",") if p.strip() and text != "none"]
+                listed = "" if text == "none" else text
+                pairs = [pair.split(":") for pair in listed.split(",") if pair.strip()]
                 if any(len(pair) != 2 for pair in pairs):
                     raise ValueError(
                         f"ATTENTION__DENSE_HEADS is auto, none or layer:head pairs, not {text!r}"

@@ -384,7 +384,7 @@ def band_attention(
     kv_heads, n_blocks = key.shape[1], keep.shape[-1]
     group, size = q_heads // kv_heads, block_size
     scale = scale if scale is not None else dim**-0.5
-    full = keep.flatten(1).sum(1) == n_blocks * (n_blocks + 1) // 2
+    full = keep.flatten(1).sum(1) == _causal_pairs(n, n, block_size)
     if full.any() and not full.all():
         out = torch.empty_like(query)
         for heads, function in ((full, _sdpa_causal), (~full, band_attention)):

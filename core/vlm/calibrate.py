@@ -25,19 +25,18 @@ Head = tuple[int, int]
 _NAME = "prblock_calibrate"
 
 
-def _head_changes(module, query, key, value, config: PrBlockConfig) -> dict[Head, float]:
-    """Relative change of each kv head's projected output when it attends sparsely."""
+def _head_changes(module, query, key, value, dense, scale, config) -> dict[Head, float]:
+    """Relative change of each kv head's projected output when it attends sparsely.
+
+    `dense` is the layer's exact attention output as transformers lays it out (b, n, heads, d).
+    """
     layer = getattr(module, "layer_idx", 0) or 0
     n, kv_heads = query.shape[2], key.shape[1]
     group, dim = query.shape[1] // kv_heads, query.shape[-1]
-    scale = getattr(module, "scaling", None)
-    dense = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, is_causal=True, scale=scale, enable_gqa=group > 1
-    )
     keep = sample_blocks(config, n, n, heads=kv_heads, layer=layer)
     sparse = masked_sdpa(query, key, value, keep, config.block_size, scale=scale)
-    # (b, heads, n, d) -> (b * n, heads * d), the layout the output projection reads.
-    flat = [t.transpose(1, 2).reshape(-1, t.shape[1] * dim) for t in (dense, sparse)]
+    # (b * n, heads * d): the layout the output projection reads.
+    flat = [t.reshape(-1, query.shape[1] * dim) for t in (dense, sparse.transpose(1, 2))]
     weight = module.o_proj.weight if hasattr(module, "o_proj") else None
     whole = flat[0] if weight is None else flat[0] @ weight.T
     changes = {}
@@ -53,12 +52,12 @@ def _head_changes(module, query, key, value, config: PrBlockConfig) -> dict[Head
 @contextmanager
 def _measuring(model, config: PrBlockConfig, changes: dict) -> Iterator[None]:
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
-        out = sdpa_attention_forward(
+        out, weights = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, **kw
         )
         if attention_mask is None and query.shape[2] == key.shape[2]:
-            changes.update(_head_changes(module, query, key, value, config))
-        return out
+            changes.update(_head_changes(module, query, key, value, out, scaling, config))
+        return out, weights
 
     AttentionInterface.register(_NAME, attention)
     AttentionMaskInterface.register(_NAME, sdpa_mask)
