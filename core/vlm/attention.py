@@ -116,19 +116,25 @@ def sample_blocks(
     draw = _uniform(config.seed, layer, heads, rows, cols)
     sampled = (distance >= 0) & (draw < keep_probability(config, distance))
     keep = always | sampled
-    for dense_layer, head in config.dense_heads or ():
-        if dense_layer == layer and head < heads:
-            keep[head] = distance >= 0
+    keep[_dense_heads(config, layer, heads)] = distance >= 0
     return keep
 
 
+def _dense_heads(config: PrBlockConfig, layer: int, heads: int) -> list[int]:
+    """The kv heads of this layer that `config.dense_heads` computes in full."""
+    return sorted({h for at, h in config.dense_heads or () if at == layer and h < heads})
+
+
 def logit_bias(
-    config: PrBlockConfig, keep: torch.Tensor, q_len: int, kv_len: int, protected=()
+    config: PrBlockConfig, keep: torch.Tensor, q_len: int, kv_len: int, protected=(), layer=0
 ) -> torch.Tensor:
-    """log(1/p) on sampled kept blocks, 0 elsewhere: the optional skipped-mass correction."""
+    """log(1/p) on sampled kept blocks, 0 elsewhere (dense heads sample nothing): the optional
+    skipped-mass correction."""
     _, _, distance, always = _layout(config, q_len, kv_len, protected)
     bias = -torch.log(keep_probability(config, distance)).float()
-    return torch.where(keep & ~always, bias, 0.0)
+    bias = torch.where(keep & ~always, bias, 0.0)
+    bias[_dense_heads(config, layer, keep.shape[0])] = 0.0
+    return bias
 
 
 def expected_density(config: PrBlockConfig, n_tokens: int, protected: Sequence[Span] = ()):
@@ -394,6 +400,9 @@ def band_attention(
                 query[:, qh], key[:, kv], value[:, kv], keep[kv], block_size, window, scale
             )
         return out
+    # Diagonals kept in every row widen the band (alpha >= 1 always keeps distance `window`).
+    while window < n_blocks and keep.diagonal(-window, 1, 2).all():
+        window += 1
     first = min(window - 1, n_blocks)  # rows whose window reaches key 0: plain causal SDPA
     rows, pad = n_blocks - first, n_blocks * size - n
     if full.all() or rows == 0:
@@ -441,11 +450,12 @@ def band_attention(
 
 
 def _merge_far_blocks(q, k, v, o, lse, buckets, size, scale) -> None:
-    """Attend each bucket's problems to their far blocks; merge into (o, lse) by log-sum-exp."""
+    """Attend each bucket's problems to their far blocks; merge them into o by log-sum-exp."""
     kv_heads, rows, width, dim = q.shape
     problems = q.view(kv_heads * rows, width, dim)
     k_blocks, v_blocks = k.view(-1, size, dim), v.view(-1, size, v.shape[-1])
-    o_far = o.new_zeros(kv_heads * rows, width, o.shape[-1])
+    covered = sum(len(problem) for problem, _ in buckets) == kv_heads * rows
+    o_far = (o.new_empty if covered else o.new_zeros)(kv_heads * rows, width, o.shape[-1])
     lse_far = lse.new_full((kv_heads * rows, width), -math.inf)
     for problem, blocks in buckets:
         count = len(blocks) // len(problem)
@@ -459,10 +469,8 @@ def _merge_far_blocks(q, k, v, o, lse, buckets, size, scale) -> None:
         )
         o_far.index_copy_(0, problem, out[0])
         lse_far.index_copy_(0, problem, log_sum[0])
-    lse_far = lse_far.view(lse.shape)
-    merged = torch.logaddexp(lse, lse_far)
-    o.mul_(torch.exp(lse - merged)[..., None])
-    o.add_(o_far.view(o.shape) * torch.exp(lse_far - merged)[..., None])
+    # Softmax over the union: the far part's share of the mass is sigmoid(lse_far - lse).
+    o.lerp_(o_far.view(o.shape), torch.sigmoid(lse_far.view(lse.shape) - lse)[..., None])
 
 
 _flex_failure: list[str] = []
@@ -513,7 +521,7 @@ def block_sparse_attention(
     )
     bias = None
     if config.log_p_correction:
-        bias = logit_bias(config, keep, q_len, kv_len, protected)
+        bias = logit_bias(config, keep, q_len, kv_len, protected, layer)
     elif int(keep.sum()) == key.shape[1] * _causal_pairs(q_len, kv_len, config.block_size):
         return None
     if attention_mask is not None and attention_mask.dtype != torch.bool:

@@ -277,8 +277,12 @@ def test_fewer_keys_than_dense_below_take_the_dense_shortcut():
 
 @pytest.mark.parametrize("length", [LENGTH, 7 * BLOCK, 40, 5])
 @pytest.mark.parametrize("window", [1, 3])
-def test_band_kernel_equals_the_reference_for_any_length_window_and_dense_head(length, window):
-    config = PrBlockConfig(block_size=BLOCK, window=window, sinks=1, alpha=0.7, dense_below=0)
+# alpha 2 keeps distances window and window + 1 in every row: the band widens over them.
+@pytest.mark.parametrize("alpha", [0.7, 2.0])
+def test_band_kernel_equals_the_reference_for_any_length_window_and_dense_head(
+    length, window, alpha
+):
+    config = PrBlockConfig(block_size=BLOCK, window=window, sinks=1, alpha=alpha, dense_below=0)
     query, key, value = qkv(length, length, seed=length + window)
     for dense_heads, protected in [((), ()), (((0, 1),), [(20, 37)]), (((0, 0), (0, 1)), ())]:
         case = PrBlockConfig(**{**config.__dict__, "dense_heads": dense_heads})
@@ -318,6 +322,16 @@ def test_dense_heads_keep_every_causal_block_of_their_layer_only():
     assert torch.equal(layer1[1], plain[1])
     layer0 = sample_blocks(config, LENGTH, LENGTH, heads=KV_HEADS, layer=0)
     assert torch.equal(layer0, sample_blocks(SPARSE, LENGTH, LENGTH, heads=KV_HEADS, layer=0))
+
+
+def test_dense_heads_get_no_log_p_correction():
+    # A dense head keeps every block for certain: log(1/p) would skew its softmax.
+    config = PrBlockConfig(**{**SPARSE.__dict__, "dense_heads": ((1, 0),)})
+    keep = sample_blocks(config, LENGTH, LENGTH, heads=KV_HEADS, layer=1)
+    bias = logit_bias(config, keep, LENGTH, LENGTH, layer=1)
+    assert (bias[0] == 0).all()
+    assert torch.equal(bias[1], logit_bias(SPARSE, keep, LENGTH, LENGTH, layer=1)[1])
+    assert (bias[1] > 0).any()
 
 
 def test_model_density_counts_each_dense_head_as_one():
