@@ -25,7 +25,7 @@ from core.vlm.attention import (
     use_prblock,
 )
 from core.vlm.config import PrBlockConfig
-from core.vlm.loader import SMOLLM2_DENSE_HEADS, smollm2_attention
+from core.vlm.loader import SMOLLM2_DENSE_HEADS, keep_freed_memory, smollm2_attention
 
 # SmolLM2-135M's attention shape: 9 query heads sharing 3 key/value heads of width 64.
 Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 9, 3, 64, 30
@@ -203,6 +203,8 @@ def quality_rows(base: PrBlockConfig, args, device: str) -> list[list[str]]:
 
 def main() -> None:
     args = parse_args()
+    # As the bot's CPU backends do: no page faults on every fresh temporary (for both peers).
+    heap = "kept" if keep_freed_memory() else "glibc default"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -234,6 +236,7 @@ def main() -> None:
         f"alpha {base.alpha:g}, beta {base.beta:g}, dense below {base.dense_below}, "
         f"dense heads {len(base.dense_heads)}; op rows: per layer, over SmolLM2's "
         f"{LAYERS} layers ({Q_HEADS}q/{KV_HEADS}kv heads x {HEAD_DIM}), x{args.repeats}; "
+        f"malloc heap {heap}; "
         "density: share of causal blocks computed, dense heads included"
     )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]

@@ -21,7 +21,12 @@ from core.qa.retrieval import Fact
 from core.qa.vision import VisualEvidence
 from core.settings import Settings
 from core.vlm.config import PrBlockConfig, SAQConfig
-from core.vlm.loader import ModelNotInstalled, load_smollm2, smollm2_attention
+from core.vlm.loader import (
+    ModelNotInstalled,
+    keep_freed_memory,
+    load_smollm2,
+    smollm2_attention,
+)
 
 MAX_NEW_TOKENS = 128
 # A plain LLaVA-style turn for processors that ship no chat template.
@@ -186,6 +191,8 @@ class VlmBackend(_LazyAcceleratedModel):
         folder = check_vlm_folder(self.model_path)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         cuda = torch.cuda.is_available()
+        if not cuda:
+            keep_freed_memory()
         options: dict = {"dtype": torch.bfloat16 if cuda else torch.float32}
         if self.quantization != "none":
             options["quantization_config"] = bitsandbytes_config(self.quantization)
