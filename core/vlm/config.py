@@ -16,8 +16,9 @@ class PrBlockConfig:
 
     block_size: int = 64
     # 8 blocks (512 tokens) of window plus SmolLM2's 4 calibrated dense heads: perplexity
-    # within 4.5% at 4k tokens, 2.1x faster than SDPA (bench/results/attention-cpu.txt). With
-    # no dense heads, 8 blocks cost 6.6% and 12 blocks 4.8% (at 1.6x).
+    # within 4.4-5.0% at 4k tokens over 5 seeds and 4 texts, the op 2.2x faster than SDPA
+    # (bench/results/attention-cpu.txt). With no dense heads, 8 blocks cost 6.6% and 12 blocks
+    # 4.8% (at 1.6x).
     window: int = 8
     sinks: int = 1
     alpha: float = 1.0
