@@ -30,6 +30,8 @@ from core.vlm.loader import SMOLLM2_DENSE_HEADS, keep_freed_memory, smollm2_atte
 
 # SmolLM2-135M's attention shape: 9 query heads sharing 3 key/value heads of width 64.
 Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 9, 3, 64, 30
+# Decode rows time the steps that fill one query block of the default CPU size.
+DECODE_STEPS = 64
 TEXT = Path("/usr/share/common-licenses/GPL-3")
 
 
@@ -132,6 +134,61 @@ def op_rows(config: PrBlockConfig, args, device: str) -> list[list[str]]:
                 f"{per_layer['prblock'] * 1e3:.1f}",
                 f"{per_layer['sdpa'] / per_layer['prblock']:.2f}x",
                 flex_ms,
+                "",
+                "",
+            ]
+        )
+        print(" ".join(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def decode_rows(config: PrBlockConfig, args, device: str) -> list[list[str]]:
+    """One decode step's attention at SmolLM2's shape after n cached tokens, per layer: the
+    `DECODE_STEPS` steps that fill the query block ending at n, over all layers, prblock
+    (sampling once per block and layer included, as in generation) vs SDPA over the cache."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
+    rows = []
+    for n in args.sizes:
+        generator = torch.Generator(device).manual_seed(n)
+        q = torch.randn(1, Q_HEADS, 1, HEAD_DIM, device=device, dtype=dtype, generator=generator)
+        k, v = (
+            torch.randn(1, KV_HEADS, n, HEAD_DIM, device=device, dtype=dtype, generator=generator)
+            for _ in range(2)
+        )
+        lengths = range(n - DECODE_STEPS + 1, n + 1)
+
+        def sdpa(layer, q=q, k=k, v=v, lengths=lengths):
+            for length in lengths:
+                F.scaled_dot_product_attention(
+                    q, k[:, :, :length], v[:, :, :length], enable_gqa=True
+                )
+
+        def prblock(layer, q=q, k=k, v=v, lengths=lengths):
+            for length in lengths:
+                kv = k[:, :, :length], v[:, :, :length]
+                if block_sparse_attention(q, *kv, config, layer=layer) is None:
+                    F.scaled_dot_product_attention(q, *kv, enable_gqa=True)
+
+        times = {"sdpa": 0.0, "prblock": 0.0}
+        for _ in range(args.repeats):
+            for layer in range(LAYERS):
+                for name, function in (("sdpa", sdpa), ("prblock", prblock)):
+                    times[name] += median_seconds(partial(function, layer), 1, synchronize)
+        steps = args.repeats * LAYERS * DECODE_STEPS
+        sdpa_ms, prblock_ms = (times[name] / steps * 1e3 for name in ("sdpa", "prblock"))
+        density = 1.0
+        if n >= config.dense_below:
+            kept = [sample_blocks(config, 1, n, heads=KV_HEADS, layer=i) for i in range(LAYERS)]
+            density = float(torch.stack(kept).float().mean())
+        rows.append(
+            [
+                f"decode {n}",
+                f"{density:.3f}",
+                f"{sdpa_ms:.3f}",
+                f"{prblock_ms:.3f}",
+                f"{sdpa_ms / prblock_ms:.2f}x",
+                "",
                 "",
                 "",
             ]
@@ -246,6 +303,7 @@ def main() -> None:
     }
     base = replace(base, **overrides)
     rows = op_rows(base, args, device)
+    rows += decode_rows(base, args, device)
     if args.quality_tokens:
         rows += quality_rows(base, args, device)
     peer = "sdpa flash" if device == "cuda" else "sdpa"
@@ -266,7 +324,8 @@ def main() -> None:
         f"dense heads {len(base.dense_heads)}; op rows: per layer, over SmolLM2's "
         f"{LAYERS} layers ({Q_HEADS}q/{KV_HEADS}kv heads x {HEAD_DIM}), x{args.repeats}; "
         f"malloc heap {heap}; "
-        "density: share of causal blocks computed, dense heads included"
+        "density: share of causal blocks computed (decode: of cached blocks read), dense heads "
+        "included; decode rows: ms per step and layer"
     )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, ["-" * w for w in widths], *rows]:

@@ -18,7 +18,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cache, partial
+from functools import cache, lru_cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -258,36 +258,71 @@ def masked_sdpa(
 def gather_attention(
     query, key, value, keep, block_size: int, attention_mask=None, scale=None, bias=None
 ) -> torch.Tensor:
-    """Decode (one query token): gather only the kept key blocks of each kv head, then SDPA."""
-    batch, q_heads, _, _ = query.shape
-    kv_heads, kv_len, dim = key.shape[1], key.shape[2], key.shape[3]
-    n_blocks = keep.shape[-1]
-    pad = n_blocks * block_size - kv_len
+    """Decode (one query token): SDPA over only the kept key blocks of each kv head, gathered.
+
+    SDPA would read the whole cache; this reads the kept blocks (a window and a handful beyond
+    it). Heads that keep every block (`dense_heads`) read the cache in place with plain SDPA.
+    """
+    batch, q_heads, _, dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
     row = keep[:, -1]
+    full = row.all(-1)
+    if bias is None and full.any() and not full.all():
+        args = (query, key, value, keep, block_size, attention_mask, scale, bias)
+        return _split_heads(full, _sdpa_decode, gather_attention, *args)
     count = row.sum(-1)
     width = int(count.max())
     chosen = torch.argsort(row.int(), dim=-1, descending=True, stable=True)[:, :width]
     positions = chosen[..., None] * block_size + torch.arange(block_size)
     allowed = (torch.arange(width)[None, :, None] < count[:, None, None]) & (positions < kv_len)
+    positions = positions.flatten(1).clamp(max=kv_len - 1)
     # Indices are worked out on the CPU (tiny), then moved to where the cache lives.
     device = query.device
     allowed = allowed.flatten(1)[None].expand(batch, -1, -1).to(device)
-    positions = positions.flatten(1).clamp(max=kv_len - 1).to(device)
-    chosen = chosen.to(device)
     if attention_mask is not None:
-        allowed = allowed & attention_mask[:, 0, -1][:, positions]
-    heads = torch.arange(kv_heads, device=device)[:, None]
-    k = F.pad(key, (0, 0, 0, pad)).view(batch, kv_heads, n_blocks, block_size, dim)
-    v = F.pad(value, (0, 0, 0, pad)).view(batch, kv_heads, n_blocks, block_size, -1)
-    k = k[:, heads, chosen].flatten(2, 3)
-    v = v[:, heads, chosen].flatten(2, 3)
+        allowed = allowed & attention_mask[:, 0, -1][:, positions.to(device)]
+    k, v = _gather_tokens(key, positions), _gather_tokens(value, positions)
     mask = allowed[:, :, None, :]
     if bias is not None:
-        token_bias = bias[:, -1].to(device).gather(1, chosen).repeat_interleave(block_size, 1)
+        token_bias = bias[:, -1].gather(1, chosen).repeat_interleave(block_size, 1).to(device)
         mask = torch.where(mask, token_bias[None, :, None, :].to(query.dtype), -math.inf)
-    q = query.reshape(batch, kv_heads, q_heads // kv_heads, query.shape[-1])
+    q = query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.reshape(batch, q_heads, 1, out.shape[-1])
+
+
+def _gather_tokens(cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """cache[:, h, positions[h]] for every kv head h: (b, heads, n, d) -> (b, heads, width, d).
+
+    One index_select over the cache's (head, token) rows, read in place where its layout allows
+    (a contiguous cache, or a slice of a longer buffer): far cheaper than advanced indexing.
+    """
+    batch, heads, _, dim = cache.shape
+    b_stride, h_stride, t_stride, d_stride = cache.stride()
+    if d_stride != 1 or not t_stride or h_stride % t_stride:
+        cache = cache.contiguous()
+        b_stride, h_stride, t_stride, _ = cache.stride()
+    per_head = h_stride // t_stride
+    rows = (heads - 1) * per_head + cache.shape[2]
+    flat = cache.as_strided((batch, rows, dim), (b_stride, t_stride, 1))
+    index = (torch.arange(heads)[:, None] * per_head + positions).flatten().to(cache.device)
+    return flat.index_select(1, index).view(batch, heads, -1, dim)
+
+
+def _sdpa_decode(query, key, value, keep, block_size, attention_mask=None, scale=None, bias=None):
+    """One query token over every cached key: SDPA, with `gather_attention`'s signature."""
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=scale, enable_gqa=True
+    )
+
+
+@lru_cache(maxsize=4096)
+def _decode_blocks(
+    config: PrBlockConfig, row: int, heads: int, layer: int, protected
+) -> torch.Tensor:
+    """`sample_blocks` for a query in query block `row`: the same for all its decode steps."""
+    size = config.block_size
+    return sample_blocks(config, 1, (row + 1) * size, heads=heads, layer=layer, protected=protected)
 
 
 def _causal(b, h, q_idx, kv_idx):
@@ -372,6 +407,25 @@ def _sdpa_causal(query, key, value, keep, block_size, window, scale):
     )
 
 
+def _split_heads(full, dense, sparse, query, key, value, keep, *args) -> torch.Tensor:
+    """Kv heads that keep every causal block (`full`) through `dense`, the others `sparse`."""
+    group = query.shape[1] // key.shape[1]
+    out = torch.empty_like(query)
+    for heads, function in ((full, dense), (~full, sparse)):
+        kv = heads.nonzero().flatten().tolist()
+        qh = [h * group + g for h in kv for g in range(group)]
+        k, v = _heads(key, kv), _heads(value, kv)
+        out[:, qh] = function(_heads(query, qh), k, v, keep[kv], *args)
+    return out
+
+
+def _heads(tensor: torch.Tensor, heads: list[int]) -> torch.Tensor:
+    """tensor[:, heads]: a view when the heads are consecutive (a decode step copies no cache)."""
+    if heads == list(range(heads[0], heads[0] + len(heads))):
+        return tensor[:, heads[0] : heads[0] + len(heads)]
+    return tensor[:, heads]
+
+
 def band_attention(
     query, key, value, keep, block_size: int, window: int, scale=None
 ) -> torch.Tensor:
@@ -392,14 +446,8 @@ def band_attention(
     scale = scale if scale is not None else dim**-0.5
     full = keep.flatten(1).sum(1) == _causal_pairs(n, n, block_size)
     if full.any() and not full.all():
-        out = torch.empty_like(query)
-        for heads, function in ((full, _sdpa_causal), (~full, band_attention)):
-            kv = heads.nonzero().flatten().tolist()
-            qh = [h * group + g for h in kv for g in range(group)]
-            out[:, qh] = function(
-                query[:, qh], key[:, kv], value[:, kv], keep[kv], block_size, window, scale
-            )
-        return out
+        args = (query, key, value, keep, block_size, window, scale)
+        return _split_heads(full, _sdpa_causal, band_attention, *args)
     # Diagonals kept in every row widen the band (alpha >= 1 always keeps distance `window`).
     while window < n_blocks and keep.diagonal(-window, 1, 2).all():
         window += 1
@@ -473,12 +521,84 @@ def _merge_far_blocks(q, k, v, o, lse, buckets, size, scale) -> None:
     o.lerp_(o_far.view(o.shape), torch.sigmoid(lse_far.view(lse.shape) - lse)[..., None])
 
 
+def band_decode(query, key, value, keep, block_size: int, window: int, scale=None) -> torch.Tensor:
+    """Decode (one query token) on the CPU, no padding mask: the window read in place.
+
+    The query's window (its last w key blocks, widened over older blocks every head keeps) is
+    one contiguous slice of the cache, attended without a copy; only the kept blocks beyond it
+    (sinks, protected, sampled: a handful) are gathered, and the two merge by log-sum-exp.
+    Heads that keep every block (`dense_heads`) attend to the whole cache, in place. SDPA
+    reads the whole cache for every head; this reads a few blocks, in a few ops.
+    """
+    batch, q_heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    scale = scale if scale is not None else dim**-0.5
+    plan = _band_plan(keep, block_size, window)
+    # Queries as (b, kv head, group, d): the heads sharing a kv head are one problem.
+    q = query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
+    band = slice(plan.start * block_size, None)
+    o, lse = _flash_cpu(q, key[:, :, band], value[:, :, band], None, scale)
+    if plan.far_tokens is not None:
+        k, v = _gather_tokens(key, plan.far_tokens), _gather_tokens(value, plan.far_tokens)
+        mask = plan.far_mask.to(query.dtype).expand(batch, -1, q.shape[2], -1)
+        o_far, lse_far = _flash_cpu(q, k, v, mask, scale)
+        # A head with no far block: the op gives 0 for its log-sum-exp; its share is none.
+        lse_far = lse_far.masked_fill(plan.no_far, -math.inf)
+        o.lerp_(o_far, torch.sigmoid(lse_far - lse)[..., None])
+    for h in plan.dense:
+        heads = slice(h, h + 1)
+        o[:, heads] = F.scaled_dot_product_attention(
+            q[:, heads], key[:, heads], value[:, heads], scale=scale
+        )
+    return o.reshape(batch, q_heads, 1, -1)
+
+
+@dataclass(frozen=True)
+class _BandPlan:
+    start: int  # first key block of the band
+    dense: list[int]  # kv heads that keep every block
+    far_tokens: torch.Tensor | None  # (kv heads, width * B) positions of the far blocks
+    far_mask: torch.Tensor | None  # (1, kv heads, 1, width * B): 0, or -inf on padding
+    no_far: torch.Tensor | None  # (1, kv heads, 1): heads with no far block, dense ones too
+
+
+@lru_cache(maxsize=4096)
+def _band_plan(keep: torch.Tensor, block_size: int, window: int) -> _BandPlan:
+    """What `band_decode` derives from a sample's last row, worked out once per sample.
+
+    Decode samples are cached per query block (`_decode_blocks`), so a plan serves every
+    decode step of its block; keyed by the sample tensor itself, which the cache keeps alive.
+    """
+    row = keep[:, -1]
+    full = row.all(-1)
+    start = max(0, row.shape[-1] - window)
+    while start and row[:, start - 1].all():
+        start -= 1
+    far = row[:, :start] & ~full[:, None]
+    counts = far.sum(-1)
+    dense = full.nonzero().flatten().tolist()
+    if not counts.any():
+        return _BandPlan(start, dense, None, None, None)
+    width = int(counts.max())
+    chosen = torch.argsort(far.int(), dim=-1, descending=True, stable=True)[:, :width]
+    tokens = (chosen[..., None] * block_size + torch.arange(block_size)).flatten(1)
+    # A head with fewer far blocks than the widest pads with masked copies of its first ones.
+    kept = torch.arange(width).repeat_interleave(block_size)[None, :] < counts[:, None]
+    mask = torch.where(kept, 0.0, -math.inf)[None, :, None, :]
+    return _BandPlan(start, dense, tokens, mask, (counts == 0)[None, :, None])
+
+
 _flex_failure: list[str] = []
+
+
+def _cpu_fast_path(query, attention_mask, bias) -> bool:
+    """The band kernels: CPU tensors, no padding mask, no log(1/p) bias."""
+    return query.device.type == "cpu" and attention_mask is None and bias is None and _HAS_FLASH_CPU
 
 
 def _prefill(query, key, value, keep, config, attention_mask, scale, bias):
     block_size = config.block_size
-    if query.device.type == "cpu" and attention_mask is None and bias is None and _HAS_FLASH_CPU:
+    if _cpu_fast_path(query, attention_mask, bias):
         # On a CPU the band kernel beats compiled flex at every density we measured.
         return band_attention(query, key, value, keep, block_size, config.window, scale)
     if not _flex_failure:
@@ -516,9 +636,12 @@ def block_sparse_attention(
     q_len, kv_len = query.shape[2], key.shape[2]
     if kv_len < config.dense_below:
         return None
-    keep = sample_blocks(
-        config, q_len, kv_len, heads=key.shape[1], layer=layer, protected=protected
-    )
+    heads = key.shape[1]
+    if q_len == 1:
+        spans = tuple(map(tuple, protected))
+        keep = _decode_blocks(config, (kv_len - 1) // config.block_size, heads, layer, spans)
+    else:
+        keep = sample_blocks(config, q_len, kv_len, heads=heads, layer=layer, protected=protected)
     bias = None
     if config.log_p_correction:
         bias = logit_bias(config, keep, q_len, kv_len, protected, layer)
@@ -528,6 +651,8 @@ def block_sparse_attention(
         attention_mask = attention_mask == 0
     args = (query, key, value, keep, config.block_size, attention_mask, scale, bias)
     if q_len == 1:
+        if _cpu_fast_path(query, attention_mask, bias):
+            return band_decode(query, key, value, keep, config.block_size, config.window, scale)
         return gather_attention(*args)
     if q_len == kv_len:
         return _prefill(query, key, value, keep, config, attention_mask, scale, bias)

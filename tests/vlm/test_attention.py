@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from core.vlm.attention import (
     NotPrBlockModel,
     band_attention,
+    band_decode,
     block_sparse_attention,
     expected_density,
     flex_block_attention,
@@ -236,9 +237,7 @@ def test_tiny_llama_generates_with_sparse_attention_and_padding(tiny_llama):
     attention_mask = torch.ones_like(ids)
     attention_mask[1, :7] = 0
     use_prblock(tiny_llama, SPARSE)
-    out = tiny_llama.generate(
-        ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False
-    )
+    out = tiny_llama.generate(ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False)
     assert out.shape == (BATCH, LENGTH + 8)
     assert torch.equal(out[:, :LENGTH], ids)
 
@@ -310,6 +309,83 @@ def test_cpu_prefill_without_padding_runs_the_band_kernel_and_equals_the_referen
     # A padding mask goes to compiled flex instead, which takes masks.
     block_sparse_attention(query, key, value, SPARSE, attention_mask=left_padding_mask())
     assert calls == [SPARSE.window]
+
+
+@pytest.mark.parametrize("kv_len", [1, 5, BLOCK, BLOCK + 1, LENGTH, 7 * BLOCK + 3])
+@pytest.mark.parametrize("window", [1, 3])
+@pytest.mark.parametrize("alpha", [0.7, 2.0])
+def test_band_decode_equals_the_reference_for_any_length_window_and_dense_head(
+    kv_len, window, alpha
+):
+    config = PrBlockConfig(block_size=BLOCK, window=window, sinks=1, alpha=alpha, dense_below=0)
+    query, key, value = qkv(1, kv_len, seed=kv_len + window)
+    for dense_heads, protected in [((), ()), (((0, 1),), [(20, 37)]), (((0, 0), (0, 1)), ())]:
+        case = PrBlockConfig(**{**config.__dict__, "dense_heads": dense_heads})
+        keep = sample_blocks(case, 1, kv_len, heads=KV_HEADS, protected=protected)
+        out = band_decode(query, key, value, keep, BLOCK, window, SCALE)
+        expected = reference_attention(query, key, value, keep, BLOCK, scale=SCALE)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_gather_splits_off_dense_heads_and_equals_the_reference():
+    config = PrBlockConfig(**{**SPARSE.__dict__, "dense_heads": ((0, 1),)})
+    query, key, value = qkv(q_len=1, kv_len=90)
+    keep = sample_blocks(config, 1, 90, heads=KV_HEADS)
+    assert keep[1].all() and not keep[0].all()
+    for mask in (None, left_padding_mask(q_len=1, kv_len=90)):
+        out = gather_attention(query, key, value, keep, BLOCK, mask, SCALE)
+        expected = reference_attention(query, key, value, keep, BLOCK, mask, SCALE)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_decode_without_padding_reads_the_window_in_place_and_equals_the_reference(
+    monkeypatch,
+):
+    query, key, value = qkv(q_len=1, kv_len=LENGTH)
+    calls = []
+    real = band_decode
+
+    def spy(*args):
+        calls.append(args[5])
+        return real(*args)
+
+    monkeypatch.setattr("core.vlm.attention.band_decode", spy)
+    for kv_len in (97, LENGTH):  # two steps in query block 6 share its sample
+        k, v = key[:, :, :kv_len], value[:, :, :kv_len]
+        out = block_sparse_attention(query, k, v, SPARSE, layer=2, scale=SCALE)
+        keep = sample_blocks(SPARSE, 1, kv_len, heads=KV_HEADS, layer=2)
+        expected = reference_attention(query, k, v, keep, BLOCK, scale=SCALE)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert calls == [SPARSE.window] * 2
+    # A padding mask goes to the gather path instead, which takes masks.
+    mask = left_padding_mask(q_len=1, kv_len=LENGTH)
+    block_sparse_attention(query, key, value, SPARSE, attention_mask=mask)
+    assert calls == [SPARSE.window] * 2
+
+
+def test_greedy_sparse_generation_equals_the_reference_implementation(tiny_llama, monkeypatch):
+    ids = torch.randint(3, 250, (1, LENGTH), generator=torch.Generator().manual_seed(3))
+    use_prblock(tiny_llama, SPARSE)
+    calls = []
+
+    def counted(function):
+        def run(*args):
+            calls.append(function.__name__)
+            return function(*args)
+
+        return run
+
+    monkeypatch.setattr("core.vlm.attention.band_attention", counted(band_attention))
+    monkeypatch.setattr("core.vlm.attention.band_decode", counted(band_decode))
+    fast = tiny_llama.generate(ids, max_new_tokens=8, do_sample=False)
+    assert {"band_attention", "band_decode"} <= set(calls)
+
+    def oracle(query, key, value, keep, block_size, window, scale):
+        return reference_attention(query, key, value, keep, block_size, scale=scale)
+
+    monkeypatch.setattr("core.vlm.attention.band_attention", oracle)
+    monkeypatch.setattr("core.vlm.attention.band_decode", oracle)
+    assert torch.equal(tiny_llama.generate(ids, max_new_tokens=8, do_sample=False), fast)
 
 
 def test_dense_heads_keep_every_causal_block_of_their_layer_only():
