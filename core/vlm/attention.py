@@ -11,6 +11,10 @@ length of a `with` block. A module without a state uses the config given to `reg
 
 Blocks are counted over cache positions: query t of a call with q_len queries and kv_len keys
 sits at position kv_len - q_len + t (what a DynamicCache gives), key k at position k.
+
+Paths, all equal to `reference_attention` (the oracle): on a CPU with no padding mask, prefill
+runs `band_attention` and decode `band_decode`; otherwise prefill runs compiled FlexAttention
+(masked SDPA where it cannot compile) and decode `gather_attention`.
 """
 
 import logging
