@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.vlm import attention
 from core.vlm.attention import (
     NotPrBlockModel,
     band_attention,
@@ -291,16 +292,22 @@ def test_band_kernel_equals_the_reference_for_any_length_window_and_dense_head(
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_prefill_without_padding_runs_the_band_kernel_and_equals_the_reference(monkeypatch):
-    query, key, value = qkv()
+def record_windows(monkeypatch, name: str) -> list[int]:
+    """Spy on the band kernel `name` of core.vlm.attention: the window of each call."""
     calls = []
-    real = band_attention
+    real = getattr(attention, name)
 
     def spy(*args):
         calls.append(args[5])
         return real(*args)
 
-    monkeypatch.setattr("core.vlm.attention.band_attention", spy)
+    monkeypatch.setattr(attention, name, spy)
+    return calls
+
+
+def test_cpu_prefill_without_padding_runs_the_band_kernel_and_equals_the_reference(monkeypatch):
+    query, key, value = qkv()
+    calls = record_windows(monkeypatch, "band_attention")
     out = block_sparse_attention(query, key, value, SPARSE, scale=SCALE)
     keep = sample_blocks(SPARSE, LENGTH, LENGTH, heads=KV_HEADS)
     expected = reference_attention(query, key, value, keep, BLOCK, scale=SCALE)
@@ -342,14 +349,7 @@ def test_cpu_decode_without_padding_reads_the_window_in_place_and_equals_the_ref
     monkeypatch,
 ):
     query, key, value = qkv(q_len=1, kv_len=LENGTH)
-    calls = []
-    real = band_decode
-
-    def spy(*args):
-        calls.append(args[5])
-        return real(*args)
-
-    monkeypatch.setattr("core.vlm.attention.band_decode", spy)
+    calls = record_windows(monkeypatch, "band_decode")
     for kv_len in (97, LENGTH):  # two steps in query block 6 share its sample
         k, v = key[:, :, :kv_len], value[:, :, :kv_len]
         out = block_sparse_attention(query, k, v, SPARSE, layer=2, scale=SCALE)
@@ -366,19 +366,10 @@ def test_cpu_decode_without_padding_reads_the_window_in_place_and_equals_the_ref
 def test_greedy_sparse_generation_equals_the_reference_implementation(tiny_llama, monkeypatch):
     ids = torch.randint(3, 250, (1, LENGTH), generator=torch.Generator().manual_seed(3))
     use_prblock(tiny_llama, SPARSE)
-    calls = []
-
-    def counted(function):
-        def run(*args):
-            calls.append(function.__name__)
-            return function(*args)
-
-        return run
-
-    monkeypatch.setattr("core.vlm.attention.band_attention", counted(band_attention))
-    monkeypatch.setattr("core.vlm.attention.band_decode", counted(band_decode))
+    prefills = record_windows(monkeypatch, "band_attention")
+    decodes = record_windows(monkeypatch, "band_decode")
     fast = tiny_llama.generate(ids, max_new_tokens=8, do_sample=False)
-    assert {"band_attention", "band_decode"} <= set(calls)
+    assert prefills and decodes
 
     def oracle(query, key, value, keep, block_size, window, scale):
         return reference_attention(query, key, value, keep, block_size, scale=scale)
