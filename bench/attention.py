@@ -144,10 +144,13 @@ def op_rows(config: PrBlockConfig, args, device: str) -> list[list[str]]:
 
 def decode_rows(config: PrBlockConfig, args, device: str) -> list[list[str]]:
     """One decode step's attention at SmolLM2's shape after n cached tokens, per layer: the
-    `DECODE_STEPS` steps that fill the query block ending at n, over all layers, prblock
-    (sampling once per block and layer included, as in generation) vs SDPA over the cache."""
+    `DECODE_STEPS` steps that fill the query block ending at n, over all layers, the sparse
+    step (sampling once per block and layer included, as in generation) vs SDPA."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
+    # The sparse step at every length: where it pays is what sets `decode_dense_below` (below
+    # it the model reads the whole cache with SDPA, as the sdpa column does).
+    sparse = replace(config, decode_dense_below=0)
     rows = []
     for n in args.sizes:
         generator = torch.Generator(device).manual_seed(n)
@@ -167,7 +170,7 @@ def decode_rows(config: PrBlockConfig, args, device: str) -> list[list[str]]:
         def prblock(layer, q=q, k=k, v=v, lengths=lengths):
             for length in lengths:
                 kv = k[:, :, :length], v[:, :, :length]
-                if block_sparse_attention(q, *kv, config, layer=layer) is None:
+                if block_sparse_attention(q, *kv, sparse, layer=layer) is None:
                     F.scaled_dot_product_attention(q, *kv, enable_gqa=True)
 
         times = {"sdpa": 0.0, "prblock": 0.0}
@@ -177,10 +180,8 @@ def decode_rows(config: PrBlockConfig, args, device: str) -> list[list[str]]:
                     times[name] += median_seconds(partial(function, layer), 1, synchronize)
         steps = args.repeats * LAYERS * DECODE_STEPS
         sdpa_ms, prblock_ms = (times[name] / steps * 1e3 for name in ("sdpa", "prblock"))
-        density = 1.0
-        if n >= config.dense_below:
-            kept = [sample_blocks(config, 1, n, heads=KV_HEADS, layer=i) for i in range(LAYERS)]
-            density = float(torch.stack(kept).float().mean())
+        kept = [sample_blocks(sparse, 1, n, heads=KV_HEADS, layer=i) for i in range(LAYERS)]
+        density = float(torch.stack(kept).float().mean())
         rows.append(
             [
                 f"decode {n}",
@@ -325,7 +326,8 @@ def main() -> None:
         f"{LAYERS} layers ({Q_HEADS}q/{KV_HEADS}kv heads x {HEAD_DIM}), x{args.repeats}; "
         f"malloc heap {heap}; "
         "density: share of causal blocks computed (decode: of cached blocks read), dense heads "
-        "included; decode rows: ms per step and layer"
+        f"included; decode rows: ms per step and layer, the sparse step at every length "
+        f"(the model takes it from {base.decode_dense_below} keys)"
     )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, ["-" * w for w in widths], *rows]:

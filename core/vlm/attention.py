@@ -632,13 +632,13 @@ def block_sparse_attention(
     scale: float | None = None,
 ) -> torch.Tensor | None:
     """Sample the blocks and run the right path; None when every block is kept or the keys are
-    fewer than `config.dense_below` (use SDPA).
+    fewer than `config.dense_below` (`decode_dense_below` for one query): use SDPA.
 
     Takes query (b, hq, q_len, d), key/value (b, hkv, kv_len, d), an optional bool mask
     (b, 1, q_len, kv_len); returns (b, hq, q_len, d).
     """
     q_len, kv_len = query.shape[2], key.shape[2]
-    if kv_len < config.dense_below:
+    if kv_len < (config.decode_dense_below if q_len == 1 else config.dense_below):
         return None
     heads = key.shape[1]
     if q_len == 1:

@@ -29,6 +29,10 @@ class PrBlockConfig:
     # band kernel loses to or barely beats SDPA (0.87x at 1k, 1.11x at 1.5k, 1.24x at 2k), and
     # short chat prompts are not worth the difference in their answers.
     dense_below: int = 1536
+    # Decode steps with fewer cached keys than this read them all with SDPA. A sparse step
+    # costs ~0.2 ms of small ops on a CPU at any length; SDPA's read of the whole cache costs
+    # more only beyond ~4k keys (sparse step vs SDPA: 0.59x at 2k, 1.00x at 4k, 1.83x at 8k).
+    decode_dense_below: int = 4096
     # (layer, kv head) pairs computed in full: the heads whose output sparse attention changes
     # most (`core.vlm.calibrate`). None: the heads calibrated for the model when TalkMosaic
     # ships them (SmolLM2-135M, see core.vlm.loader), else none. (): every head is sampled.

@@ -32,9 +32,10 @@ from core.vlm.config import PrBlockConfig
 from tests.vlm.conftest import IMAGE_TOKEN_ID, llava_prompt
 
 BLOCK = 16
-# dense_below=0: the tiny shapes here must take the sparse paths, not the dense shortcut.
-SPARSE = PrBlockConfig(block_size=BLOCK, window=1, sinks=1, alpha=0.5, dense_below=0)
-DENSE = PrBlockConfig(block_size=BLOCK, alpha=1e9, dense_below=0)
+# Thresholds 0: the tiny shapes here must take the sparse paths, not the dense shortcut.
+ANY_LENGTH = {"dense_below": 0, "decode_dense_below": 0}
+SPARSE = PrBlockConfig(block_size=BLOCK, window=1, sinks=1, alpha=0.5, **ANY_LENGTH)
+DENSE = PrBlockConfig(block_size=BLOCK, alpha=1e9, **ANY_LENGTH)
 # The tiny Llama's attention shape, so the compiled kernels are shared with the model tests.
 BATCH, Q_HEADS, KV_HEADS, DIM, LENGTH = 2, 4, 2, 16, 100
 SCALE = DIM**-0.5
@@ -227,7 +228,7 @@ def test_greedy_output_with_every_block_kept_equals_sdpa(tiny_llama):
     # log(1/p) = 0 when p = 1, so this config computes every block through flex and gather.
     use_prblock(
         tiny_llama,
-        PrBlockConfig(block_size=BLOCK, alpha=1e9, log_p_correction=True, dense_below=0),
+        PrBlockConfig(block_size=BLOCK, alpha=1e9, log_p_correction=True, **ANY_LENGTH),
     )
     assert tiny_llama.config._attn_implementation == "prblock"
     assert torch.equal(tiny_llama.generate(ids, **kwargs), expected)
@@ -272,6 +273,18 @@ def test_fewer_keys_than_dense_below_take_the_dense_shortcut():
     assert block_sparse_attention(q, k, k, longer, scale=SCALE) is not None
 
 
+def test_decode_steps_with_fewer_keys_than_decode_dense_below_take_the_dense_shortcut():
+    config = PrBlockConfig(**{**SPARSE.__dict__, "decode_dense_below": LENGTH + 1})
+    q = torch.randn(1, Q_HEADS, 1, DIM)
+    k = torch.randn(1, KV_HEADS, LENGTH, DIM)
+    assert block_sparse_attention(q, k, k, config, scale=SCALE) is None
+    longer = PrBlockConfig(**{**config.__dict__, "decode_dense_below": LENGTH})
+    assert block_sparse_attention(q, k, k, longer, scale=SCALE) is not None
+    # The prefill threshold does not apply to a decode step, nor this one to a prefill.
+    prefill = torch.randn(1, Q_HEADS, LENGTH, DIM)
+    assert block_sparse_attention(prefill, k, k, config, scale=SCALE) is not None
+
+
 # --- the CPU band kernel, dense heads and their calibration
 
 
@@ -282,7 +295,7 @@ def test_fewer_keys_than_dense_below_take_the_dense_shortcut():
 def test_band_kernel_equals_the_reference_for_any_length_window_and_dense_head(
     length, window, alpha
 ):
-    config = PrBlockConfig(block_size=BLOCK, window=window, sinks=1, alpha=alpha, dense_below=0)
+    config = PrBlockConfig(block_size=BLOCK, window=window, sinks=1, alpha=alpha, **ANY_LENGTH)
     query, key, value = qkv(length, length, seed=length + window)
     for dense_heads, protected in [((), ()), (((0, 1),), [(20, 37)]), (((0, 0), (0, 1)), ())]:
         case = PrBlockConfig(**{**config.__dict__, "dense_heads": dense_heads})
@@ -324,7 +337,7 @@ def test_cpu_prefill_without_padding_runs_the_band_kernel_and_equals_the_referen
 def test_band_decode_equals_the_reference_for_any_length_window_and_dense_head(
     kv_len, window, alpha
 ):
-    config = PrBlockConfig(block_size=BLOCK, window=window, sinks=1, alpha=alpha, dense_below=0)
+    config = PrBlockConfig(block_size=BLOCK, window=window, sinks=1, alpha=alpha, **ANY_LENGTH)
     query, key, value = qkv(1, kv_len, seed=kv_len + window)
     for dense_heads, protected in [((), ()), (((0, 1),), [(20, 37)]), (((0, 0), (0, 1)), ())]:
         case = PrBlockConfig(**{**config.__dict__, "dense_heads": dense_heads})
