@@ -2,7 +2,8 @@
 
 Run: `PYTHONPATH=. python bench/attention.py` (CPU defaults), or on a GPU machine
 `PYTHONPATH=. python bench/attention.py --sizes 4096 8192 16384 32768 --block-size 128`.
-Prints one table; times are medians of interleaved repeats, compared within the same run.
+Prints one table; op and decode times are sums over interleaved repeats, compared within the
+same run. The SmolLM2 rows time one forward each: read their speedups as +-15% on a shared VM.
 """
 
 import argparse
