@@ -83,7 +83,9 @@ async def test_the_event_loop_stays_free_while_an_answer_blocks(ctx, queue):
     assert job.status == "done"
     assert time.perf_counter() - started >= 1.0
     assert len(lags) > 50
-    assert max(lags) < 0.1
+    # A loop blocked by the answer would stall for its whole second; a free one only ever waits
+    # for the scheduler, which on a loaded 2-core machine has taken up to ~0.5 s once.
+    assert max(lags) < 0.75
 
 
 async def test_a_job_past_its_timeout_is_marked_and_the_worker_goes_on(ctx, queue, updates):
