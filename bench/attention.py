@@ -144,9 +144,10 @@ def op_rows(config: PrBlockConfig, args, device: str) -> list[list[str]]:
 
 
 def decode_rows(config: PrBlockConfig, args, device: str) -> list[list[str]]:
-    """One decode step's attention at SmolLM2's shape after n cached tokens, per layer: the
-    `DECODE_STEPS` steps that fill the query block ending at n, over all layers, the sparse
-    step (sampling once per block and layer included, as in generation) vs SDPA."""
+    """One decode step's attention at SmolLM2's shape after about n cached tokens, per layer:
+    the `DECODE_STEPS` steps that fill a query block (the one ending at n, then the ones before
+    it, one per repeat), over all layers; the sparse step (sampling once per block and layer
+    included, as in generation) vs SDPA."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
     # The sparse step at every length: where it pays is what sets `decode_dense_below` (below
@@ -160,25 +161,28 @@ def decode_rows(config: PrBlockConfig, args, device: str) -> list[list[str]]:
             torch.randn(1, KV_HEADS, n, HEAD_DIM, device=device, dtype=dtype, generator=generator)
             for _ in range(2)
         )
-        lengths = range(n - DECODE_STEPS + 1, n + 1)
 
-        def sdpa(layer, q=q, k=k, v=v, lengths=lengths):
+        def sdpa(layer, lengths, q=q, k=k, v=v):
             for length in lengths:
                 F.scaled_dot_product_attention(
                     q, k[:, :, :length], v[:, :, :length], enable_gqa=True
                 )
 
-        def prblock(layer, q=q, k=k, v=v, lengths=lengths):
+        def prblock(layer, lengths, q=q, k=k, v=v):
             for length in lengths:
                 kv = k[:, :, :length], v[:, :, :length]
                 if block_sparse_attention(q, *kv, sparse, layer=layer) is None:
                     F.scaled_dot_product_attention(q, *kv, enable_gqa=True)
 
         times = {"sdpa": 0.0, "prblock": 0.0}
-        for _ in range(args.repeats):
+        for repeat in range(args.repeats):
+            # Each repeat fills another query block, so every one samples its blocks anew.
+            last = n - repeat * DECODE_STEPS
+            lengths = range(last - DECODE_STEPS + 1, last + 1)
             for layer in range(LAYERS):
                 for name, function in (("sdpa", sdpa), ("prblock", prblock)):
-                    times[name] += median_seconds(partial(function, layer), 1, synchronize)
+                    step = partial(function, layer, lengths)
+                    times[name] += median_seconds(step, 1, synchronize)
         steps = args.repeats * LAYERS * DECODE_STEPS
         sdpa_ms, prblock_ms = (times[name] / steps * 1e3 for name in ("sdpa", "prblock"))
         kept = [sample_blocks(sparse, 1, n, heads=KV_HEADS, layer=i) for i in range(LAYERS)]

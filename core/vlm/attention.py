@@ -12,9 +12,9 @@ length of a `with` block. A module without a state uses the config given to `reg
 Blocks are counted over cache positions: query t of a call with q_len queries and kv_len keys
 sits at position kv_len - q_len + t (what a DynamicCache gives), key k at position k.
 
-Paths, all equal to `reference_attention` (the oracle): on a CPU with no padding mask, prefill
-runs `band_attention` and decode `band_decode`; otherwise prefill runs compiled FlexAttention
-(masked SDPA where it cannot compile) and decode `gather_attention`.
+Paths, all equal to `reference_attention` (the oracle) up to rounding: on a CPU with no
+padding mask, prefill runs `band_attention` and decode `band_decode`; otherwise prefill runs
+compiled FlexAttention (masked SDPA where it cannot compile) and decode `gather_attention`.
 """
 
 import logging
@@ -320,13 +320,14 @@ def _sdpa_decode(query, key, value, keep, block_size, attention_mask=None, scale
     )
 
 
-@lru_cache(maxsize=4096)
-def _decode_blocks(
-    config: PrBlockConfig, row: int, heads: int, layer: int, protected
-) -> torch.Tensor:
-    """`sample_blocks` for a query in query block `row`: the same for all its decode steps."""
+# Each layer decodes in one query block at a time: this holds ~30 layers' blocks many times.
+@lru_cache(maxsize=1024)
+def _decode_sample(config: PrBlockConfig, row: int, heads: int, layer: int, protected):
+    """`sample_blocks` for a query in query block `row`, and its `band_plan`: the same for all
+    the decode steps of that block, so they are worked out once."""
     size = config.block_size
-    return sample_blocks(config, 1, (row + 1) * size, heads=heads, layer=layer, protected=protected)
+    keep = sample_blocks(config, 1, (row + 1) * size, heads=heads, layer=layer, protected=protected)
+    return keep, band_plan(keep, size, config.window)
 
 
 def _causal(b, h, q_idx, kv_idx):
@@ -414,7 +415,7 @@ def _sdpa_causal(query, key, value, keep, block_size, window, scale):
 def _split_heads(full, dense, sparse, query, key, value, keep, *args) -> torch.Tensor:
     """Kv heads that keep every causal block (`full`) through `dense`, the others `sparse`."""
     group = query.shape[1] // key.shape[1]
-    out = torch.empty_like(query)
+    out = query.new_empty(*query.shape[:-1], value.shape[-1])
     for heads, function in ((full, dense), (~full, sparse)):
         kv = heads.nonzero().flatten().tolist()
         qh = [h * group + g for h in kv for g in range(group)]
@@ -522,22 +523,26 @@ def _merge_far_blocks(q, k, v, o, lse, buckets, size, scale) -> None:
         o_far.index_copy_(0, problem, out[0])
         lse_far.index_copy_(0, problem, log_sum[0])
     # Softmax over the union: the far part's share of the mass is sigmoid(lse_far - lse).
-    o.lerp_(o_far.view(o.shape), torch.sigmoid(lse_far.view(lse.shape) - lse)[..., None])
+    share = torch.sigmoid(lse_far.view(lse.shape) - lse)[..., None]
+    o.lerp_(o_far.view(o.shape), share.to(o.dtype))
 
 
-def band_decode(query, key, value, keep, block_size: int, window: int, scale=None) -> torch.Tensor:
+def band_decode(
+    query, key, value, keep, block_size: int, window: int, scale=None, plan=None
+) -> torch.Tensor:
     """Decode (one query token) on the CPU, no padding mask: the window read in place.
 
     The query's window (its last w key blocks, widened over older blocks every head keeps) is
     one contiguous slice of the cache, attended without a copy; only the kept blocks beyond it
     (sinks, protected, sampled: a handful) are gathered, and the two merge by log-sum-exp.
     Heads that keep every block (`dense_heads`) attend to the whole cache, in place. SDPA
-    reads the whole cache for every head; this reads a few blocks, in a few ops.
+    reads the whole cache for every head; this reads a few blocks, in a few ops. `plan` is
+    `band_plan(keep, block_size, window)`, when the caller keeps it.
     """
     batch, q_heads, _, dim = query.shape
     kv_heads = key.shape[1]
     scale = scale if scale is not None else dim**-0.5
-    plan = _band_plan(keep, block_size, window)
+    plan = plan or band_plan(keep, block_size, window)
     # Queries as (b, kv head, group, d): the heads sharing a kv head are one problem.
     q = query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
     band = slice(plan.start * block_size, None)
@@ -548,7 +553,7 @@ def band_decode(query, key, value, keep, block_size: int, window: int, scale=Non
         o_far, lse_far = _flash_cpu(q, k, v, mask, scale)
         # A head with no far block: the op gives 0 for its log-sum-exp; its share is none.
         lse_far = lse_far.masked_fill(plan.no_far, -math.inf)
-        o.lerp_(o_far, torch.sigmoid(lse_far - lse)[..., None])
+        o.lerp_(o_far, torch.sigmoid(lse_far - lse)[..., None].to(o.dtype))
     for h in plan.dense:
         heads = slice(h, h + 1)
         o[:, heads] = F.scaled_dot_product_attention(
@@ -558,21 +563,18 @@ def band_decode(query, key, value, keep, block_size: int, window: int, scale=Non
 
 
 @dataclass(frozen=True)
-class _BandPlan:
+class BandPlan:
+    """Where `band_decode` reads a sample's last row: a band, far blocks, dense heads."""
+
     start: int  # first key block of the band
-    dense: list[int]  # kv heads that keep every block
+    dense: tuple[int, ...]  # kv heads that keep every block
     far_tokens: torch.Tensor | None  # (kv heads, width * B) positions of the far blocks
     far_mask: torch.Tensor | None  # (1, kv heads, 1, width * B): 0, or -inf on padding
     no_far: torch.Tensor | None  # (1, kv heads, 1): heads with no far block, dense ones too
 
 
-@lru_cache(maxsize=4096)
-def _band_plan(keep: torch.Tensor, block_size: int, window: int) -> _BandPlan:
-    """What `band_decode` derives from a sample's last row, worked out once per sample.
-
-    Decode samples are cached per query block (`_decode_blocks`), so a plan serves every
-    decode step of its block; keyed by the sample tensor itself, which the cache keeps alive.
-    """
+def band_plan(keep: torch.Tensor, block_size: int, window: int) -> BandPlan:
+    """What `band_decode` derives from a sample's last row (once per query block and layer)."""
     row = keep[:, -1]
     full = row.all(-1)
     start = max(0, row.shape[-1] - window)
@@ -580,29 +582,36 @@ def _band_plan(keep: torch.Tensor, block_size: int, window: int) -> _BandPlan:
         start -= 1
     far = row[:, :start] & ~full[:, None]
     counts = far.sum(-1)
-    dense = full.nonzero().flatten().tolist()
+    dense = tuple(full.nonzero().flatten().tolist())
     if not counts.any():
-        return _BandPlan(start, dense, None, None, None)
+        return BandPlan(start, dense, None, None, None)
     width = int(counts.max())
     chosen = torch.argsort(far.int(), dim=-1, descending=True, stable=True)[:, :width]
     tokens = (chosen[..., None] * block_size + torch.arange(block_size)).flatten(1)
     # A head with fewer far blocks than the widest pads with masked copies of its first ones.
     kept = torch.arange(width).repeat_interleave(block_size)[None, :] < counts[:, None]
     mask = torch.where(kept, 0.0, -math.inf)[None, :, None, :]
-    return _BandPlan(start, dense, tokens, mask, (counts == 0)[None, :, None])
+    return BandPlan(start, dense, tokens, mask, (counts == 0)[None, :, None])
 
 
 _flex_failure: list[str] = []
 
 
-def _cpu_fast_path(query, attention_mask, bias) -> bool:
-    """The band kernels: CPU tensors, no padding mask, no log(1/p) bias."""
-    return query.device.type == "cpu" and attention_mask is None and bias is None and _HAS_FLASH_CPU
+def _cpu_fast_path(query, value, attention_mask, bias) -> bool:
+    """The band kernels: CPU tensors, no padding mask, no log(1/p) bias, and values as wide as
+    queries (the CPU flash op needs it)."""
+    return (
+        query.device.type == "cpu"
+        and attention_mask is None
+        and bias is None
+        and query.shape[-1] == value.shape[-1]
+        and _HAS_FLASH_CPU
+    )
 
 
 def _prefill(query, key, value, keep, config, attention_mask, scale, bias):
     block_size = config.block_size
-    if _cpu_fast_path(query, attention_mask, bias):
+    if _cpu_fast_path(query, value, attention_mask, bias):
         # On a CPU the band kernel beats compiled flex at every density we measured.
         return band_attention(query, key, value, keep, block_size, config.window, scale)
     if not _flex_failure:
@@ -640,10 +649,11 @@ def block_sparse_attention(
     q_len, kv_len = query.shape[2], key.shape[2]
     if kv_len < (config.decode_dense_below if q_len == 1 else config.dense_below):
         return None
-    heads = key.shape[1]
+    heads, plan = key.shape[1], None
     if q_len == 1:
         spans = tuple(map(tuple, protected))
-        keep = _decode_blocks(config, (kv_len - 1) // config.block_size, heads, layer, spans)
+        row = (kv_len - 1) // config.block_size
+        keep, plan = _decode_sample(config, row, heads, layer, spans)
     else:
         keep = sample_blocks(config, q_len, kv_len, heads=heads, layer=layer, protected=protected)
     bias = None
@@ -655,8 +665,9 @@ def block_sparse_attention(
         attention_mask = attention_mask == 0
     args = (query, key, value, keep, config.block_size, attention_mask, scale, bias)
     if q_len == 1:
-        if _cpu_fast_path(query, attention_mask, bias):
-            return band_decode(query, key, value, keep, config.block_size, config.window, scale)
+        if _cpu_fast_path(query, value, attention_mask, bias):
+            size, window = config.block_size, config.window
+            return band_decode(query, key, value, keep, size, window, scale, plan)
         return gather_attention(*args)
     if q_len == kv_len:
         return _prefill(query, key, value, keep, config, attention_mask, scale, bias)

@@ -39,6 +39,12 @@ class PrBlockConfig:
     dense_heads: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.block_size < 1 or self.window < 1 or self.sinks < 0:
+            raise ValueError(
+                f"block_size and window must be 1 or more and sinks 0 or more, not "
+                f"{self.block_size}, {self.window} and {self.sinks}: a query always sees its "
+                "own block"
+            )
         if self.dense_heads is not None:
             pairs = tuple((int(layer), int(head)) for layer, head in self.dense_heads)
             object.__setattr__(self, "dense_heads", pairs)

@@ -36,7 +36,9 @@ def keep_freed_memory(mmap_below: int = 32 << 20, trim_above: int = 512 << 20) -
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is None:
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_below) and mallopt(_M_TRIM_THRESHOLD, trim_above))
+    served = mallopt(_M_MMAP_THRESHOLD, mmap_below)
+    kept = mallopt(_M_TRIM_THRESHOLD, trim_above)
+    return bool(served and kept)
 
 
 class ModelNotInstalled(RuntimeError):

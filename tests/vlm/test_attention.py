@@ -274,15 +274,17 @@ def test_fewer_keys_than_dense_below_take_the_dense_shortcut():
 
 
 def test_decode_steps_with_fewer_keys_than_decode_dense_below_take_the_dense_shortcut():
-    config = PrBlockConfig(**{**SPARSE.__dict__, "decode_dense_below": LENGTH + 1})
+    config = PrBlockConfig(
+        **{**SPARSE.__dict__, "decode_dense_below": LENGTH + 1, "dense_below": LENGTH + 1}
+    )
     q = torch.randn(1, Q_HEADS, 1, DIM)
     k = torch.randn(1, KV_HEADS, LENGTH, DIM)
     assert block_sparse_attention(q, k, k, config, scale=SCALE) is None
+    # Past it, decode is sparse: the prefill threshold (still above) is not the decode one.
     longer = PrBlockConfig(**{**config.__dict__, "decode_dense_below": LENGTH})
     assert block_sparse_attention(q, k, k, longer, scale=SCALE) is not None
-    # The prefill threshold does not apply to a decode step, nor this one to a prefill.
     prefill = torch.randn(1, Q_HEADS, LENGTH, DIM)
-    assert block_sparse_attention(prefill, k, k, config, scale=SCALE) is not None
+    assert block_sparse_attention(prefill, k, k, longer, scale=SCALE) is None
 
 
 # --- the CPU band kernel, dense heads and their calibration
@@ -347,7 +349,7 @@ def test_band_decode_equals_the_reference_for_any_length_window_and_dense_head(
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_decode_gather_splits_off_dense_heads_and_equals_the_reference():
+def test_decode_gather_with_a_dense_head_equals_the_reference_with_and_without_padding():
     config = PrBlockConfig(**{**SPARSE.__dict__, "dense_heads": ((0, 1),)})
     query, key, value = qkv(q_len=1, kv_len=90)
     keep = sample_blocks(config, 1, 90, heads=KV_HEADS)
@@ -358,7 +360,7 @@ def test_decode_gather_splits_off_dense_heads_and_equals_the_reference():
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_decode_without_padding_reads_the_window_in_place_and_equals_the_reference(
+def test_cpu_decode_without_padding_takes_the_band_kernel_and_a_padded_one_the_gather(
     monkeypatch,
 ):
     query, key, value = qkv(q_len=1, kv_len=LENGTH)
@@ -372,8 +374,10 @@ def test_cpu_decode_without_padding_reads_the_window_in_place_and_equals_the_ref
     assert calls == [SPARSE.window] * 2
     # A padding mask goes to the gather path instead, which takes masks.
     mask = left_padding_mask(q_len=1, kv_len=LENGTH)
-    block_sparse_attention(query, key, value, SPARSE, attention_mask=mask)
+    out = block_sparse_attention(query, key, value, SPARSE, layer=2, attention_mask=mask)
     assert calls == [SPARSE.window] * 2
+    expected = reference_attention(query, key, value, keep, BLOCK, mask)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_greedy_sparse_generation_equals_the_reference_implementation(tiny_llama, monkeypatch):
@@ -384,12 +388,41 @@ def test_greedy_sparse_generation_equals_the_reference_implementation(tiny_llama
     fast = tiny_llama.generate(ids, max_new_tokens=8, do_sample=False)
     assert prefills and decodes
 
-    def oracle(query, key, value, keep, block_size, window, scale):
+    def oracle(query, key, value, keep, block_size, window, scale, plan=None):
         return reference_attention(query, key, value, keep, block_size, scale=scale)
 
     monkeypatch.setattr("core.vlm.attention.band_attention", oracle)
     monkeypatch.setattr("core.vlm.attention.band_decode", oracle)
     assert torch.equal(tiny_llama.generate(ids, max_new_tokens=8, do_sample=False), fast)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_prefill_and_decode_equal_the_reference_in_float32(dtype):
+    config = PrBlockConfig(**{**SPARSE.__dict__, "dense_heads": ((0, 1),)})
+    for q_len in (LENGTH, 1):
+        query, key, value = (t.to(dtype) for t in qkv(q_len, LENGTH))
+        out = block_sparse_attention(query, key, value, config, scale=SCALE)
+        assert out.dtype == dtype
+        keep = sample_blocks(config, q_len, LENGTH, heads=KV_HEADS)
+        exact = (t.float() for t in (query, key, value))
+        expected = reference_attention(*exact, keep, BLOCK, scale=SCALE)
+        torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_values_narrower_than_queries_work_in_prefill_and_decode():
+    config = PrBlockConfig(**{**SPARSE.__dict__, "dense_heads": ((0, 1),)})
+    for q_len in (LENGTH, 1):
+        query, key, _ = qkv(q_len, LENGTH)
+        value = torch.randn(BATCH, KV_HEADS, LENGTH, DIM // 2)
+        out = block_sparse_attention(query, key, value, config, scale=SCALE)
+        keep = sample_blocks(config, q_len, LENGTH, heads=KV_HEADS)
+        expected = reference_attention(query, key, value, keep, BLOCK, scale=SCALE)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_window_below_one_block_is_refused():
+    with pytest.raises(ValueError, match="window"):
+        PrBlockConfig(window=0)
 
 
 def test_dense_heads_keep_every_causal_block_of_their_layer_only():

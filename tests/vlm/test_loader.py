@@ -1,7 +1,7 @@
 """Model loading helpers that need no weights."""
 
+import platform
 import resource
-import sys
 
 import pytest
 import torch
@@ -19,7 +19,7 @@ def temporaries() -> None:
     del held
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_kept_heap_serves_repeated_temporaries_without_page_faults():
     # glibc's defaults hand this memory back each time: 10 rounds fault in ~14k pages.
     assert keep_freed_memory()
