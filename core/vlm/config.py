@@ -31,7 +31,7 @@ class PrBlockConfig:
     dense_below: int = 1536
     # Decode steps with fewer cached keys than this read them all with SDPA. A sparse step
     # costs ~0.2 ms of small ops on a CPU at any length; SDPA's read of the whole cache costs
-    # more only beyond ~4k keys (sparse step vs SDPA: 0.59x at 2k, 1.00x at 4k, 1.83x at 8k).
+    # more only beyond ~4k keys (sparse step vs SDPA: 0.57x at 2k, 0.95x at 4k, 1.71x at 8k).
     decode_dense_below: int = 4096
     # (layer, kv head) pairs computed in full: the heads whose output sparse attention changes
     # most (`core.vlm.calibrate`). None: the heads calibrated for the model when TalkMosaic
