@@ -79,20 +79,30 @@ def median_seconds(function, repeats: int, synchronize) -> float:
     return statistics.median(times)
 
 
+def synchronizer(device: str):
+    return torch.cuda.synchronize if device == "cuda" else lambda: None
+
+
+def attention_inputs(n: int, q_len: int, device: str):
+    """Seeded random query (1, Q_HEADS, q_len, d) and key/value (1, KV_HEADS, n, d) at
+    SmolLM2's shape, in the dtype a model runs there (bfloat16 on a GPU)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    generator = torch.Generator(device).manual_seed(n)
+    shapes = ((Q_HEADS, q_len), (KV_HEADS, n), (KV_HEADS, n))
+    return [
+        torch.randn(1, heads, length, HEAD_DIM, device=device, dtype=dtype, generator=generator)
+        for heads, length in shapes
+    ]
+
+
 def op_rows(config: PrBlockConfig, args, device: str) -> list[list[str]]:
     """Attention-op time at SmolLM2's shape over all its layers (each layer samples its own
     blocks and keeps its own dense heads): prblock (sampling included) vs causal SDPA, and on
     a CPU also compiled flex on the same blocks (the kernel the band kernel replaced there)."""
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
+    synchronize = synchronizer(device)
     rows = []
     for n in args.sizes:
-        generator = torch.Generator(device).manual_seed(n)
-        q = torch.randn(1, Q_HEADS, n, HEAD_DIM, device=device, dtype=dtype, generator=generator)
-        k, v = (
-            torch.randn(1, KV_HEADS, n, HEAD_DIM, device=device, dtype=dtype, generator=generator)
-            for _ in range(2)
-        )
+        q, k, v = attention_inputs(n, n, device)
 
         def sdpa(layer, q=q, k=k, v=v):
             if device == "cuda":
@@ -148,19 +158,13 @@ def decode_rows(config: PrBlockConfig, args, device: str) -> list[list[str]]:
     the `DECODE_STEPS` steps that fill a query block (the one ending at n, then the ones before
     it, one per repeat), over all layers; the sparse step (sampling once per block and layer
     included, as in generation) vs SDPA."""
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
+    synchronize = synchronizer(device)
     # The sparse step at every length: where it pays is what sets `decode_dense_below` (below
     # it the model reads the whole cache with SDPA, as the sdpa column does).
     sparse = replace(config, decode_dense_below=0)
     rows = []
     for n in args.sizes:
-        generator = torch.Generator(device).manual_seed(n)
-        q = torch.randn(1, Q_HEADS, 1, HEAD_DIM, device=device, dtype=dtype, generator=generator)
-        k, v = (
-            torch.randn(1, KV_HEADS, n, HEAD_DIM, device=device, dtype=dtype, generator=generator)
-            for _ in range(2)
-        )
+        q, k, v = attention_inputs(n, 1, device)
 
         def sdpa(layer, lengths, q=q, k=k, v=v):
             for length in lengths:
@@ -246,7 +250,7 @@ def teacher_forcing_rows(model, tokenizer, text: Path, configs, args, device, sd
     ids = tokenizer(text.read_text(), return_tensors="pt").input_ids[:, : args.quality_tokens]
     ids = ids.to(device)
     targets = ids[0, 1:]
-    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
+    synchronize = synchronizer(device)
 
     def measure():
         start = time.perf_counter()
