@@ -1,18 +1,22 @@
-"""Grounded Q&A on this CPU: answer latency of the embedded backend with and without
-PrFlashAttention / SAQ, and answer quality against a retrieval-only baseline.
+"""Grounded Q&A on this CPU, in one run: answer quality of the default answerer against
+retrieval-only peers, out-of-scope handling, false refusals on the real photos, first-answer and
+follow-up latency of the default (PrFlashAttention + SAQ-held conversations) against plain SDPA +
+DynamicCache, and the KV bytes each holds per conversation.
 
-    python bench/qa.py [--latency-cases 10] [--cases 0] [--out bench/results/qa-cpu.txt]
+    python bench/qa.py [--cases 0] [--latency-cases 30] [--dump features.json]
 
-Quality runs every case of bench/data/qa_cases.json with the default backend (PrFlashAttention
-and SAQ on). An answer is correct when it states the required fact (one of its required phrases)
-and cites that fact among its sources. The retrieval-only baseline answers with the top fact.
-Latency: the first `--latency-cases` cases, for each configuration in turn, after one warm-up
-answer (PrFlashAttention compiles its prefill kernel once per padded prompt length).
+Data: bench/data/qa_eval.json (in-scope cases with required facts, required phrases and known
+wrong claims; out-of-scope and hostile cases; two-turn conversations).
+- correct: the answer states a required phrase and cites a required fact;
+- unsupported/wrong: a known wrong claim matches, or a shown sentence has a number its cited
+  sources (or the car's record) do not hold;
+- repeat: a sentence or an 8-word phrase said twice.
 """
 
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -25,151 +29,254 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from core.context import AppContext  # noqa: E402
-from core.qa.backends import EmbeddedBackend  # noqa: E402
+from core.images import decode_image  # noqa: E402
+from core.qa.backends import Draft, EmbeddedBackend  # noqa: E402
+from core.qa.claims import quantities, strip_citations  # noqa: E402
+from core.qa.compose import SCOPE_REPLY, first_repeat  # noqa: E402
 from core.qa.pipeline import AnswerPipeline  # noqa: E402
 from core.qa.retrieval import KnowledgeBase  # noqa: E402
 from core.qa.vision import VisionTagger  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from core.vlm.loader import load_smollm2  # noqa: E402
 
-CASES = ROOT / "bench" / "data" / "qa_cases.json"
+EVAL = ROOT / "bench" / "data" / "qa_eval.json"
 VEHICLES = ROOT.parent / "shared" / "data" / "vehicles"
-CONFIGS = [  # (label, PrFlashAttention, SAQ)
-    ("SDPA + DynamicCache (baseline)", False, False),
-    ("PrFlashAttention", True, False),
-    ("SAQ cache", False, True),
-    ("PrFlashAttention + SAQ (default)", True, True),
-]
 
 
-def states(text: str, case: dict) -> bool:
-    lowered = text.lower()
-    return any(phrase.lower() in lowered for phrase in case["required_phrases"])
+class NoModel:
+    """A backend that drafts nothing: the answer is the pipeline's own ranking of the facts'
+    sentences (meaning and retrieval score), the retrieval-only peer."""
 
+    name = "no model"
 
-def cites(sources: list[dict], case: dict) -> bool:
-    return any(source["id"] == case["required_fact"] for source in sources)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+    def draft(self, request) -> Draft:
+        return Draft()
 
 
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
+
+
+def correct(text: str, sources: list[dict], case: dict) -> bool:
+    lowered = text.lower()
+    states = any(phrase.lower() in lowered for phrase in case["required_phrases"])
+    return states and any(s["id"] in case["required_facts"] for s in sources)
+
+
+def wrong(text: str, sources: list[dict], case: dict, kb: KnowledgeBase) -> bool:
+    """A known wrong claim, or a shown number that is in none of the sources it cites."""
+    body = text.split("\n\nSources:")[0]
+    if any(re.search(pattern, body, re.IGNORECASE) for pattern in case.get("wrong_claims", [])):
+        return True
+    cited_text = {s["n"]: kb.fact(s["id"]).title + ". " + kb.fact(s["id"]).text for s in sources}
+    for line in body.split("\n"):
+        sentence, cited = strip_citations(line.lstrip("• "))
+        if not cited or sentence.startswith("Our library's record"):
+            continue
+        held = [q for n in cited if n in cited_text for q in quantities(cited_text[n])]
+        if any(not any(q.matches(h) for h in held) for q in quantities(sentence)):
+            return True
+    return False
+
+
+def capturing(runner: AnswerPipeline, features: list):
+    """runner.rank, also recording each candidate's ranking features (for --dump)."""
+    rank = runner.rank
+
+    def recorded(question, candidates, facts, draft):
+        vectors = runner.checker.vectors([question, *(c.text for c in candidates)])
+        similarity = (vectors[1:] @ vectors[0]).tolist()
+        features.append([
+            {"text": c.text, "fact": c.source.fact_id, "similarity": sim,
+             "fact_score": facts[c.source.number - 1][1] if c.source.number else None,
+             "lm": None if draft.scores is None else draft.scores[i]}
+            for i, (c, sim) in enumerate(zip(candidates, similarity, strict=True))
+        ])  # fmt: skip
+        return rank(question, candidates, facts, draft)
+
+    return recorded
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--latency-cases", type=int, default=10)
-    parser.add_argument("--cases", type=int, default=0, help="quality cases (0: all)")
-    parser.add_argument(
-        "--threads", type=int, default=1,
-        help="torch threads; 1 because the 2 cores are shared and spinning threads thrash",
-    )  # fmt: skip
+    parser.add_argument("--cases", type=int, default=0, help="in-scope cases (0: all)")
+    parser.add_argument("--latency-cases", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 because the 2 cores are shared")  # fmt: skip
+    parser.add_argument("--dump", type=Path, help="write per-candidate features (calibration)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "qa-cpu.txt")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-
-    cases = json.loads(CASES.read_text(encoding="utf-8"))
-    cases = cases[: args.cases] if args.cases else cases
-    photos = {case["photo"]: (VEHICLES / case["photo"]).read_bytes() for case in cases}
     started = time.perf_counter()
+    data = json.loads(EVAL.read_text(encoding="utf-8"))
+    cases = data["cases"][: args.cases] if args.cases else data["cases"]
     workdir = Path(tempfile.mkdtemp(prefix="qa-bench-"))
     ctx = AppContext.open(Settings(data_dir=workdir, database_url=None))
     kb = KnowledgeBase.default(cache_dir=workdir / "cache")
     tagger = VisionTagger(ctx)
     model, tokenizer = load_smollm2()
-    log(f"loaded in {time.perf_counter() - started:.0f} s")
 
-    def pipeline(prblock: bool, saq: bool) -> AnswerPipeline:
-        backend = EmbeddedBackend(prblock=prblock, saq=saq, loaded=(model, tokenizer))
+    def photo(name: str | None) -> bytes | None:
+        return (VEHICLES / name).read_bytes() if name else None
+
+    def pipeline(backend) -> AnswerPipeline:
         return AnswerPipeline(ctx, backend, kb, tagger)
 
-    # Quality: every case, with the default configuration.
-    default = pipeline(True, True)
-    default.answer(photos[cases[0]["photo"]], cases[0]["question"])  # warm-up (compiles)
-    answers = []
-    for number, case in enumerate(cases, start=1):
-        answer = default.answer(photos[case["photo"]], case["question"])
-        answers.append(answer)
-        log(f"{number}/{len(cases)} {answer.timings['total_s']:.1f} s "
-            f"{'ok' if states(answer.text, case) and cites(answer.sources, case) else 'MISS'} "
-            f"{case['required_fact']}")  # fmt: skip
+    default = pipeline(EmbeddedBackend(loaded=(model, tokenizer)))
+    baseline = pipeline(EmbeddedBackend(prblock=False, saq=False, loaded=(model, tokenizer)))
+    peer = pipeline(NoModel())
+    features: list = []
+    if args.dump:
+        default.rank = capturing(default, features)
+    default.answer(photo(cases[0]["photo"]), cases[0]["question"])
+    baseline.answer(photo(cases[0]["photo"]), cases[0]["question"])
+    log(f"loaded in {time.perf_counter() - started:.0f} s")
 
-    # Latency: every configuration on the same cases, one after the other, after a warm-up.
-    latency_cases = cases[: args.latency_cases]
-    latencies, tokens = {}, {}
-    for label, prblock, saq in CONFIGS:
-        runner = pipeline(prblock, saq)
-        runner.answer(photos[latency_cases[0]["photo"]], latency_cases[0]["question"])
-        timed = [runner.answer(photos[c["photo"]], c["question"]) for c in latency_cases]
-        latencies[label] = [a.timings["total_s"] for a in timed]
-        tokens[label] = [a.timings.get("new_tokens", 0) for a in timed]
-        log(f"{label}: p50 {statistics.median(latencies[label]):.1f} s")
+    # Quality: every in-scope case with the default and the retrieval-only peers.
+    marks: dict[str, list[tuple[bool, bool, bool]]] = {}
+    dumped = []
+    answers = {}
+    for number, case in enumerate(cases, 1):
+        image = photo(case["photo"])
+        answer = default.answer(image, case["question"])
+        answers[case["id"]] = answer
+        no_model = peer.answer(image, case["question"])
+        facts = default.retrieve(case["question"], answer.evidence)
+        top = facts[0][0] if facts else None
+        quoted = f"{top.text} [1]" if top else ""
+        top_sources = [{"n": 1, "id": top.id}] if top else []
+        rows = {
+            "default (model ranks fact sentences)": (answer.text, answer.sources),
+            "retrieval only: MiniLM ranks sentences": (no_model.text, no_model.sources),
+            "retrieval only: top fact quoted": (quoted, top_sources),
+        }
+        for label, (text, sources) in rows.items():
+            marks.setdefault(label, []).append((
+                correct(text, sources, case), wrong(text, sources, case, kb),
+                first_repeat(text) is not None,
+            ))  # fmt: skip
+        ok = marks["default (model ranks fact sentences)"][-1]
+        log(f"{number}/{len(cases)} {answer.timings.get('total_s', 0):.1f} s "
+            f"{'ok' if ok[0] else 'MISS'}{' WRONG' if ok[1] else ''} {case['id']}")  # fmt: skip
+        if args.dump:
+            dumped.append({"case": case, "answer": answer.text, "sources": answer.sources,
+                           "refused": answer.refused,
+                           "relevance": kb.relevance(case["question"]),
+                           "features": features[-1] if features else None})  # fmt: skip
 
-    retrieved = [
-        default.retrieve(c["question"], a.evidence) for c, a in zip(cases, answers, strict=True)
-    ]
-    quality = {
-        "retrieval only (answer = top fact)": [
-            bool(facts)
-            and states(f"{facts[0][0].title}: {facts[0][0].text}", case)
-            and facts[0][0].id == case["required_fact"]
-            for case, facts in zip(cases, retrieved, strict=True)
-        ],
-        "SmolLM2 reply alone (no quoted fact)": [
-            states(a.model_text, case)
-            and any(
-                f"[{s['n']}]" in a.model_text and s["id"] == case["required_fact"]
-                for s in a.sources
-            )
-            for case, a in zip(cases, answers, strict=True)
-        ],
-        "SmolLM2 answer, cited + key fact (default)": [
-            states(a.text, case) and cites(a.sources, case)
-            for case, a in zip(cases, answers, strict=True)
-        ],
-    }
-    top3 = sum(
-        any(f.id == c["required_fact"] for f, _ in facts)
-        for c, facts in zip(cases, retrieved, strict=True)
+    # Out of scope: each must get the one polite sentence (or, for a foreign question, an
+    # answer), never invented content and never the question parroted back.
+    scope_ok = []
+    for case in data["out_of_scope"]:
+        answer = default.answer(photo(case["photo"]), case["question"])
+        declined = answer.text == SCOPE_REPLY or answer.refused
+        parroted = case["question"].lower() in answer.text.lower()
+        scope_ok.append((case["kind"], declined and not parroted))
+        if args.dump:
+            dumped.append({"out_of_scope": case, "answer": answer.text,
+                           "relevance": kb.relevance(case["question"])})  # fmt: skip
+
+    # Photos: how many of the 1,600 real car and pickup photos the gate refuses.
+    real = sorted(VEHICLES.glob("*/*.jpg"))
+    gate = VisionTagger()
+    gate.model = tagger.model
+    refused = sum(
+        not gate.describe(decode_image(p.read_bytes(), ctx.settings.max_image_pixels)).is_car
+        for p in real
     )
-    gate = sum(a.evidence is not None and a.evidence.is_car for a in answers)
 
-    base = statistics.median(latencies[CONFIGS[0][0]])
+    # Latency: first answers, the default and the baseline alternating on the same cases.
+    latency = {"default": [], "baseline": []}
+    for case in cases[: args.latency_cases]:
+        for label, runner in (("default", default), ("baseline", baseline)):
+            answer = runner.answer(photo(case["photo"]), case["question"])
+            latency[label].append(answer.timings["total_s"])
+
+    # Follow-ups: two-turn conversations, each configuration holding its own KV caches.
+    turns = {label: {"first": [], "follow": [], "bytes": [], "prefilled": [], "ok": []}
+             for label in latency}  # fmt: skip
+    for number, talk in enumerate(data["follow_ups"]):
+        for label, runner in (("default", default), ("baseline", baseline)):
+            image = photo(talk["photo"])
+            key = f"{label}-{number}"
+            first = runner.answer(image, talk["first"]["question"], conversation_id=key)
+            history = [(talk["first"]["question"], first.text)]
+            follow = runner.answer(image, talk["follow_up"]["question"], history=history,
+                                   conversation_id=key)  # fmt: skip
+            held = turns[label]
+            held["first"].append(first.timings["total_s"])
+            held["follow"].append(follow.timings["total_s"])
+            held["bytes"].append(follow.timings.get("kv_bytes", 0))
+            held["prefilled"].append([t.timings.get("prefilled_tokens", 0)
+                                      for t in (first, follow)])  # fmt: skip
+            held["ok"].append(correct(follow.text, follow.sources, talk["follow_up"]))
+
     lines = [
-        f"Grounded Q&A on this CPU ({os.cpu_count()} cores shared with other jobs, "
-        f"{args.threads} torch thread(s), load average {os.getloadavg()[0]:.1f} at the end)",
-        "SmolLM2-135M-Instruct, greedy, max_new_tokens 128, 3 facts per prompt",
+        f"Grounded Q&A on this CPU ({os.cpu_count()} cores, {args.threads} torch thread(s), "
+        f"load average {os.getloadavg()[0]:.1f} at the end); SmolLM2-135M-Instruct, 3 facts "
+        "a prompt",
         "",
-        f"Latency per answer (photo -> answer, {len(latency_cases)} cases, after a warm-up)",
-        f"{'configuration':<36}{'p50 s':>8}{'p95 s':>8}{'tokens':>8}{'p50 vs baseline':>17}",
+        f"Answer quality ({len(cases)} in-scope cases of bench/data/qa_eval.json)",
+        f"{'answerer':<42}{'correct':>9}{'unsupported/wrong':>19}{'repeats':>9}",
     ]
-    for label, _, _ in CONFIGS:
-        p50 = statistics.median(latencies[label])
+    for label, rows in marks.items():
+        n = len(rows)
         lines.append(
-            f"{label:<36}{p50:>8.1f}{percentile(latencies[label], 0.95):>8.1f}"
-            f"{statistics.mean(tokens[label]):>8.0f}{base / p50:>16.2f}x"
+            f"{label:<42}{sum(r[0] for r in rows) / n:>9.1%}"
+            f"{sum(r[1] for r in rows):>13}/{n:<5}{sum(r[2] for r in rows):>9}"
         )
+    kinds = sorted({kind for kind, _ in scope_ok})
     lines += [
         "",
-        f"Answer quality ({len(cases)} cases: states the required fact and cites it)",
-        f"{'answerer':<44}{'correct':>10}{'share':>8}",
+        "Out of scope (declined in one sentence, nothing invented, not parroted): "
+        + ", ".join(
+            f"{kind} {sum(ok for k, ok in scope_ok if k == kind)}/"
+            f"{sum(k == kind for k, _ in scope_ok)}" for kind in kinds
+        ),
+        f"False refusals on the {len(real)} real car and pickup photos: {refused} "
+        f"({refused / len(real):.2%})",
+        "",
+        f"Latency, s ({len(latency['default'])} first answers; {len(data['follow_ups'])} "
+        "two-turn conversations)",
+        f"{'configuration':<34}{'first p50':>10}{'p95':>7}{'follow-up p50':>15}{'p95':>7}"
+        f"{'prefilled first/follow':>24}{'KV bytes held':>15}{'convs/GiB':>11}",
     ]
-    for label, marks in quality.items():
-        lines.append(f"{label:<44}{sum(marks):>6}/{len(marks):<3}{sum(marks) / len(marks):>8.0%}")
+    names = {"default": "PrFlashAttention + SAQ (default)",
+             "baseline": "SDPA + DynamicCache (baseline)"}  # fmt: skip
+    for label, times in latency.items():
+        held = turns[label]
+        kv = statistics.mean(held["bytes"]) if held["bytes"] else 0
+        prefilled = held["prefilled"]
+        first_tokens = statistics.mean(p[0] for p in prefilled)
+        follow_tokens = statistics.mean(p[1] for p in prefilled)
+        lines.append(
+            f"{names[label]:<34}{statistics.median(times):>10.2f}{percentile(times, 0.95):>7.2f}"
+            f"{statistics.median(held['follow']):>15.2f}{percentile(held['follow'], 0.95):>7.2f}"
+            f"{first_tokens:>15.0f}/{follow_tokens:<8.0f}{kv / 2**20:>12.1f} MiB"
+            f"{(2**30 / kv if kv else 0):>11.0f}"
+        )
+    base = statistics.median(latency["baseline"])
+    first_p50 = statistics.median(latency["default"])
     lines += [
         "",
-        f"Retrieval: required fact in the top 3 for {top3}/{len(cases)} questions. "
-        f"Car gate: {gate}/{len(cases)} case photos pass.",
+        f"Default first-answer p50 vs baseline: {base / first_p50:.2f}x; follow-up p50 / first "
+        f"p50 (default): {statistics.median(turns['default']['follow']) / first_p50:.2f}",
+        "Follow-ups correct: " + ", ".join(
+            f"{names[label]} {sum(turns[label]['ok'])}/{len(turns[label]['ok'])}" for label in turns
+        ),
         f"Bench wall time {time.perf_counter() - started:.0f} s.",
     ]
     table = "\n".join(lines)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table + "\n", encoding="utf-8")
+    if args.dump:
+        args.dump.write_text(json.dumps(dumped, indent=1, default=str), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from core.context import AppContext
 from core.demo import describe_car, run_demo
 from core.errors import UserError
 from core.gallery import find_mosaic, list_mosaics, render_bytes, tile_lookup
+from core.images import decode_image
 from core.library import car_info, ingest_paths, library_stats, list_library
 from core.mosaic import (
     MosaicOptions,
@@ -264,13 +265,18 @@ def ask_command(ctx: AppContext, args: argparse.Namespace) -> int:
     # Imported here: the answer pipeline loads torch, which the other commands do not need.
     from core.qa.pipeline import AnswerPipeline
     from core.vlm.loader import ModelNotInstalled
+    from core.worker import check_question
 
     if not args.photo.is_file():
         print(f"error: {args.photo} does not exist.", file=sys.stderr)
         return 1
+    photo = args.photo.read_bytes()
+    # What the asker got wrong is said before any model loads (seconds on a small machine).
+    check_question(args.question, ctx.settings.max_question_chars)
+    decode_image(photo, ctx.settings.max_image_pixels, max_bytes=ctx.settings.max_upload_bytes)
     try:
         answer = AnswerPipeline(ctx).answer(
-            args.photo.read_bytes(), args.question, lambda text: print(text, file=sys.stderr)
+            photo, args.question, lambda text: print(text, file=sys.stderr)
         )
     except ModelNotInstalled as error:
         print(f"error: {error}", file=sys.stderr)

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     qa_backend: Literal["embedded", "vlm"] = "embedded"
     vlm_model_path: Path | None = None
     vlm_quantization: Literal["none", "4bit", "8bit"] = "none"
+    # rank: the model chooses among the facts' own sentences (nothing unsupported can be said);
+    # write: it writes, and only sentences the claim check supports are shown.
+    qa_mode: Literal["rank", "write"] = "rank"
+    # Live conversations' KV caches (SAQ-compressed) kept for follow-up questions.
+    conversation_cache_mb: int = 256
     max_question_chars: int = 1000
     queue_max_pending: int = 50
     queue_per_user: int = 2

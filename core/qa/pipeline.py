@@ -1,18 +1,31 @@
-"""The answer pipeline: photo -> visual evidence and library match -> knowledge-base retrieval ->
-backend -> cited answer, with the seconds each stage took.
+"""The answer pipeline: photo -> visual evidence and library match -> scope check -> knowledge-base
+retrieval -> backend draft -> claim check -> the composed, cited answer, with each stage's time.
 """
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+import numpy as np
 
 from core.context import AppContext
 from core.images import decode_image
-from core.qa.backends import Answer, AnswerBackend, make_backend
+from core.qa.backends import Answer, AnswerBackend, Draft, Request, make_backend
+from core.qa.claims import DOMAIN_TERMS, ClaimChecker, Source, split_sentences, strip_citations
+from core.qa.compose import Candidate, candidates_of, compose, scope_refusal
 from core.qa.retrieval import Fact, KnowledgeBase
-from core.qa.vision import VisionTagger, VisualEvidence, not_a_car_reply
+from core.qa.vision import VisionTagger, VisualEvidence, car_line, not_a_car_reply
 from core.worker import AnswerResult, JobView, check_question
 
 FACTS_PER_ANSWER = 3
+# Calibrated in bench/qa.py on bench/data/qa_eval.json (see bench/results/qa-cpu.txt):
+# below this cosine to the nearest fact a question is out of scope,
+MIN_RELEVANCE = 0.30
+# a written sentence this far from its source's closest sentence is dropped,
+MIN_SIMILARITY = 0.60
+# and a candidate's rank is cos(question, sentence) + FACT_WEIGHT x its fact's retrieval score
+# + LM_WEIGHT x the model's standardised log-probability of it as the answer.
+FACT_WEIGHT = 0.5
+LM_WEIGHT = 0.05
 Progress = Callable[[str], None]
 
 
@@ -23,6 +36,21 @@ def retrieval_query(question: str, evidence: VisualEvidence | None) -> str:
     car = (evidence.library_car or {}) if evidence else {}
     context = [str(car[key]) for key in ("fuel", "emission_standard") if car.get(key)]
     return f"{question} ({', '.join(context)})" if context else question
+
+
+def record_source(evidence: VisualEvidence | None) -> Source | None:
+    """The library car's record as a sentence an answer may quote, or None."""
+    if evidence is None or not evidence.library_car:
+        return None
+    return Source("record", f"Our library's record of this car: {car_line(evidence)}.")
+
+
+def fact_sources(facts: Sequence[tuple[Fact, float]]) -> list[Source]:
+    return [
+        Source(f"[{n}]", fact.text, number=n, title=fact.title, origin=fact.source,
+               fact_id=fact.id)
+        for n, (fact, _) in enumerate(facts, start=1)
+    ]  # fmt: skip
 
 
 class AnswerPipeline:
@@ -41,11 +69,21 @@ class AnswerPipeline:
         self.kb = kb or KnowledgeBase.default(cache_dir=ctx.settings.data_dir / "cache")
         self.tagger = tagger or VisionTagger(ctx)
         self.facts_per_answer = facts_per_answer
+        vocabulary = [*DOMAIN_TERMS, *(k for f in self.kb.facts for k in f.keywords)]
+        self.checker = ClaimChecker(self.kb.embedder.embed, vocabulary, MIN_SIMILARITY)
 
     def answer(
-        self, image: bytes | None, question: str, progress: Progress | None = None
+        self,
+        image: bytes | None,
+        question: str,
+        progress: Progress | None = None,
+        history: Sequence[tuple[str, str]] = (),
+        conversation_id=None,
     ) -> Answer:
-        """A cited answer. Raises BadQuestion (empty or overlong question) and BadImage."""
+        """A cited answer. Raises BadQuestion (empty or overlong question) and BadImage.
+
+        `history`: the conversation's earlier (question, answer) turns, oldest first;
+        `conversation_id` lets the backend keep the conversation's KV cache between turns."""
         say = progress or (lambda _text: None)
         question = check_question(question, self.ctx.settings.max_question_chars)
         timings: dict = {}
@@ -57,6 +95,10 @@ class AnswerPipeline:
             timings[f"{stage}_s"] = round(now - clock, 3)
             clock = now
 
+        def refused(text: str, evidence: VisualEvidence | None) -> Answer:
+            timings["total_s"] = round(time.perf_counter() - started, 3)
+            return Answer(text, [], timings, evidence, refused=True)
+
         picture, evidence = None, None
         if image is not None:
             picture = decode_image(image, self.ctx.settings.max_image_pixels)
@@ -65,23 +107,82 @@ class AnswerPipeline:
             evidence = self.tagger.describe(picture, image)
             lap("vision")
             if not evidence.is_car:
-                timings["total_s"] = round(clock - started, 3)
-                return Answer(not_a_car_reply(evidence), [], timings, evidence)
+                return refused(not_a_car_reply(evidence), evidence)
+        context = f"{history[-1][0]} {question}" if history else question
+        refusal = scope_refusal(question, self.kb.relevance(context), MIN_RELEVANCE)
+        if refusal is not None:
+            return refused(refusal, evidence)
         say("Looking up the facts.")
-        facts = self.retrieve(question, evidence)
+        facts = self.retrieve(context if history else question, evidence)
         lap("retrieval")
+        sources, record = fact_sources(facts), record_source(evidence)
+        candidates = candidates_of(sources + ([record] if record else []))
         say("Writing the answer.")
-        answer = self.backend.answer(evidence, question, facts, picture)
-        lap("answer")
-        answer.timings = {**timings, **answer.timings, "total_s": round(clock - started, 3)}
-        answer.evidence = evidence
-        return answer
+        draft = self.backend.draft(Request(
+            question, evidence, facts, picture, [c.text for c in candidates], history,
+            conversation_id,
+        ))  # fmt: skip
+        lap("model")
+        ranked = self.rank(question, candidates, facts, draft)
+        lead = self.supported_sentences(draft.written, sources, record) or ranked[:1]
+        unsure = getattr(evidence, "verdict", "") == "unsure" and record is None
+        text, cited = compose(lead, ranked, record, unsure_photo=unsure)
+        lap("compose")
+        timings = {**timings, **draft.timings, "total_s": round(clock - started, 3)}
+        shown = [{"n": n, "id": s.fact_id, "title": s.title, "source": s.origin}
+                 for n, s in enumerate(cited, start=1)]  # fmt: skip
+        return Answer(text, shown, timings, evidence, model_text=draft.written)
 
     def retrieve(self, question: str, evidence: VisualEvidence | None) -> list[tuple[Fact, float]]:
         """The facts the answer is grounded on, best first."""
         return self.kb.search(retrieval_query(question, evidence), self.facts_per_answer)
 
+    def rank(
+        self,
+        question: str,
+        candidates: list[Candidate],
+        facts: Sequence[tuple[Fact, float]],
+        draft: Draft,
+    ) -> list[Candidate]:
+        """Candidates best first: meaning, their fact's retrieval score, the model's choice."""
+        if not candidates:
+            return []
+        vectors = self.checker.vectors([question, *(c.text for c in candidates)])
+        similarity = vectors[1:] @ vectors[0]
+        best_fact = facts[0][1] if facts else 0.0
+        fact_score = np.array([
+            facts[c.source.number - 1][1] if c.source.number else best_fact for c in candidates
+        ])  # fmt: skip
+        score = similarity + FACT_WEIGHT * fact_score
+        if draft.scores is not None and len(draft.scores) == len(candidates):
+            lm = np.asarray(draft.scores)
+            score = score + LM_WEIGHT * (lm - lm.mean()) / (lm.std() + 1e-6)
+        for candidate, value in zip(candidates, score, strict=True):
+            candidate.score = float(value)
+        return sorted(candidates, key=lambda c: -c.score)
+
+    def supported_sentences(
+        self, written: str, sources: list[Source], record: Source | None
+    ) -> list[Candidate]:
+        """The model's sentences that pass the claim check, each tied to the source that
+        supports it; a sentence citing facts is checked against those facts only."""
+        kept = []
+        everything = sources + ([record] if record else [])
+        for position, sentence in enumerate(split_sentences(written)):
+            text, cited = strip_citations(sentence)
+            against = [s for s in sources if s.number in cited] if cited else everything
+            if record is not None and cited:
+                against.append(record)
+            verdict = self.checker.check(text, against)
+            if verdict.supported:
+                kept.append(Candidate(text, verdict.source, position, verdict.similarity))
+        return kept
+
     def answer_job(self, job: JobView, progress: Progress) -> AnswerResult:
         """The worker's answer function: the job's photo and question -> an AnswerResult."""
-        answer = self.answer(job.load_image(), job.question, progress)
+        answer = self.answer(
+            job.load_image(), job.question, progress,
+            history=getattr(job, "history", ()),
+            conversation_id=getattr(job, "conversation_id", job.id),
+        )  # fmt: skip
         return AnswerResult(answer.text, answer.sources, answer.timings)

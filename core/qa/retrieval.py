@@ -222,6 +222,13 @@ class KnowledgeBase:
         best = np.argsort(-scores, kind="stable")[:k]
         return [(self.facts[i], float(scores[i])) for i in best]
 
+    def relevance(self, query: str) -> float:
+        """How close the nearest fact is in meaning (cosine, no lexical part): low for questions
+        the knowledge base has nothing on, such as "What is the capital of France?"."""
+        if not query.strip():
+            return 0.0
+        return float((self.matrix @ self.embedder.embed([query])[0]).max())
+
     def _load_or_embed(self, cache_dir: Path | None) -> np.ndarray:
         # Keyed by the facts' content and the model, so an edited file or model re-embeds.
         digest = hashlib.sha256(self.embedder.fingerprint.encode())

@@ -242,6 +242,29 @@ class StaircaseCache(Cache):
         super().__init__(layers=layers)
         self.saq = saq
 
+    @classmethod
+    def compress(
+        cls, cache: DynamicCache, config, saq: SAQConfig | None = None
+    ) -> "StaircaseCache":
+        """The staircase form of a filled DynamicCache: the KV of a conversation kept between
+        turns in fewer bytes (its newest tokens stay exact, older ones lose bits)."""
+        stairs = cls(config, saq)
+        for layer, source in zip(stairs.layers, cache.layers, strict=True):
+            if source.is_initialized:
+                layer.update(source.keys, source.values)
+        return stairs
+
+    def expand(self, config) -> DynamicCache:
+        """A DynamicCache holding this cache's keys and values, dequantized, in position order:
+        what a new turn continues from at full speed."""
+        cache = DynamicCache(config=config.get_text_config(decoder=True))
+        for index, layer in enumerate(self.layers):
+            if isinstance(layer, StaircaseLayer) and layer.is_initialized:
+                cache.update(*layer._assemble(), index)
+            elif layer.is_initialized:
+                cache.update(layer.keys, layer.values, index)
+        return cache
+
     def nbytes(self) -> int:
         """Bytes of every key and value tensor the cache holds, quantization metadata included."""
         return sum(_layer_nbytes(layer) for layer in self.layers)
