@@ -18,7 +18,12 @@ from core.gallery import TileLookup, find_mosaic, list_mosaics, tile_lookup
 from core.images import decode_image, image_content_type, jpeg_within
 from core.mosaic import MosaicOptions, build_mosaic, format_coordinate, preview_image
 from core.worker import FINAL_EVENTS, JobQueue
-from storage.messages import mosaic_for_message, remember_message
+from storage.messages import (
+    job_for_answer_message,
+    mosaic_for_message,
+    remember_answer,
+    remember_message,
+)
 from storage.models import Job, Mosaic
 
 # Mosaics built from the CLI or `talkmosaic demo` live here and are visible from every chat.
@@ -31,6 +36,7 @@ COORDINATE_MESSAGE = re.compile(r"^\s*(?:[A-Za-z]{1,3}\s*\d{1,6}|\d{1,6}\s*[,;]\
 # What a user sees when something failed on our side (the log has the details).
 SORRY = "Something went wrong on our side; please try again later."
 NOT_AN_IMAGE = "That file is not an image: send a JPEG, PNG or WebP photo."
+NO_PHOTO = "Please send a photo of a car with your question."
 EXTENSIONS = {"image/png": "png", "image/webp": "webp", "image/gif": "gif"}
 T = TypeVar("T")
 
@@ -153,20 +159,41 @@ class Commands:
         return None if shown is None else await _tile_reply(*shown, max_bytes)
 
     async def ask(
-        self, platform: str, user: str, reply_to: dict, image: bytes, question: str
+        self,
+        platform: str,
+        user: str,
+        reply_to: dict,
+        image: bytes | None,
+        question: str,
+        follow_up_of: int | None = None,
     ) -> Reply:
-        """Queue a question about a photo; the reply carries the job id and queue position."""
+        """Queue a question about a photo; the reply carries the job id and queue position.
+
+        A follow-up (`follow_up_of`, the job whose answer it continues) may come without a
+        photo: it then asks about the photo of that conversation."""
         try:
+            if image is None and follow_up_of is None:
+                raise BadImage(NO_PHOTO)
             self.cooldowns.check(f"{platform}:{user}", "ask")
-            # Decoding proves it is a whole, sane image before anything is stored or queued.
-            await self._off_loop(partial(
-                decode_image, image, self.ctx.settings.max_image_pixels,
-                max_bytes=self.ctx.settings.max_upload_bytes,
+            if image is not None:
+                # Decoding proves it is a whole, sane image before anything is stored or queued.
+                await self._off_loop(partial(
+                    decode_image, image, self.ctx.settings.max_image_pixels,
+                    max_bytes=self.ctx.settings.max_upload_bytes,
+                ))
+            job = await self._off_loop(partial(
+                self.queue.submit, platform, user, reply_to, image, question,
+                follow_up_of=follow_up_of,
             ))
-            job = await self._off_loop(self.queue.submit, platform, user, reply_to, image, question)
         except UserError as error:
             return error_reply(error)
         return Reply(queued_text(job.position), job_id=job.job_id)
+
+    async def follow_up_for_message(
+        self, platform: str, channel_id: str, message_id: str
+    ) -> int | None:
+        """The job whose answer this message shows (a reply to it is a follow-up), or None."""
+        return await self._off_loop(self._answer_shown, platform, channel_id, message_id)
 
     async def remember(self, platform: str, channel_id: str, message_id: str,
                        mosaic_id: int) -> None:
@@ -213,6 +240,10 @@ class Commands:
         with self.ctx.db.session() as session:
             remember_message(session, platform, channel_id, message_id, mosaic_id)
 
+    def _answer_shown(self, platform: str, channel_id: str, message_id: str) -> int | None:
+        with self.ctx.db.session() as session:
+            return job_for_answer_message(session, platform, channel_id, message_id)
+
 
 def queued_text(position: int | None) -> str:
     if not position or position <= 1:
@@ -257,21 +288,32 @@ def _file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:60] or "mosaic"
 
 
+@dataclass(frozen=True)
+class PostedAnswer:
+    """Where a platform posted an answer: a reply to that message asks a follow-up question."""
+
+    platform: str
+    channel_id: str
+    message_id: str
+
+
 class JobStatus(Protocol):
-    """Where one job's status shows on a platform: a message to edit, then the answer to post."""
+    """Where one job's status shows on a platform: a message to edit, then the answer to post
+    (`finish` says where it posted it, or None when replies to it cannot be followed)."""
 
     async def update(self, text: str) -> None: ...
 
-    async def finish(self, text: str) -> None: ...
+    async def finish(self, text: str) -> PostedAnswer | None: ...
 
 
 # A platform's way to answer a job it has no live status for (e.g. after a restart).
-Fallback = Callable[[Job, str], Awaitable[None]]
+Fallback = Callable[[Job, str], Awaitable[PostedAnswer | None]]
 
 
 class JobUpdates:
     """The worker's on_update(job_id, event, text), routed to the status message of that job:
     position and progress events edit it, a final event posts the answer (or why there is none).
+    The message showing an answer is remembered, so a reply to it becomes a follow-up.
     """
 
     def __init__(self, queue: JobQueue):
@@ -300,18 +342,27 @@ class JobUpdates:
         async with self._attaching:
             status = self._live.get(job_id)
         final = event in FINAL_EVENTS
-        if status is None:
-            if final:
-                await self._fall_back(job_id, text)
+        if not final:
+            if status is not None:
+                await status.update(text)
             return
-        if final:
-            self._live.pop(job_id, None)
-            await status.finish(text)
+        if status is None:
+            posted = await self._fall_back(job_id, text)
         else:
-            await status.update(text)
+            self._live.pop(job_id, None)
+            posted = await status.finish(text)
+        # Only an answer can be followed up; a reply to a failure is an ordinary message.
+        if event == "done" and posted is not None:
+            await asyncio.to_thread(self._remember_answer, posted, job_id)
 
-    async def _fall_back(self, job_id: int, text: str) -> None:
+    async def _fall_back(self, job_id: int, text: str) -> PostedAnswer | None:
         job = await asyncio.to_thread(self.queue.get, job_id)
         fallback = self._fallbacks.get(job.platform) if job is not None else None
-        if fallback is not None:
-            await fallback(job, text)
+        if fallback is None:
+            return None
+        return await fallback(job, text)
+
+    def _remember_answer(self, posted: PostedAnswer, job_id: int) -> None:
+        with self.queue.ctx.db.session() as session:
+            remember_answer(session, posted.platform, posted.channel_id, posted.message_id,
+                            job_id)

@@ -15,6 +15,7 @@ from bot.commands import (
     SORRY,
     Commands,
     JobUpdates,
+    PostedAnswer,
     Reply,
     check_attachment,
     error_reply,
@@ -142,33 +143,48 @@ class TalkMosaicBot(discord.Client):
         else:
             await interaction.response.send_message(text, ephemeral=True)
 
-    # Plain messages: "C7" replies and photo + question mentions --------------------------------
+    # Plain messages: "C7" replies, follow-ups to answers, photo + question mentions ----------
 
     async def on_message(self, message: discord.Message) -> None:
         if message.author.bot:
             return
-        limit = message_filesize_limit(message)
-        if message.reference and message.reference.message_id and is_coordinate(message.content):
+        replied_to = message.reference.message_id if message.reference else None
+        if replied_to and is_coordinate(message.content):
+            limit = min(message_filesize_limit(message), self.settings.preview_max_bytes)
             reply = await self.commands.tile_for_message(
-                PLATFORM, str(message.channel.id), str(message.reference.message_id),
-                message.content, min(limit, self.settings.preview_max_bytes),
+                PLATFORM, str(message.channel.id), str(replied_to), message.content, limit
             )
             if reply is not None:
                 await message.reply(_clip(reply.text), files=_files(reply), mention_author=False)
             return
-        if self.user is None or self.user not in message.mentions:
-            return
+        if replied_to:
+            parent = await self.commands.follow_up_for_message(
+                PLATFORM, str(message.channel.id), str(replied_to)
+            )
+            if parent is not None:
+                await self._ask_in_reply(message, follow_up_of=parent)
+                return
+        if self.user is not None and self.user in message.mentions:
+            await self._ask_in_reply(message)
+
+    async def _ask_in_reply(
+        self, message: discord.Message, follow_up_of: int | None = None
+    ) -> None:
+        """Queue the message's question, about its photo (a follow-up may have none: it asks
+        about its conversation's photo), and answer it in reply."""
         photo = _first_image(message.attachments)
-        if photo is None:
+        if photo is None and (message.attachments or follow_up_of is None):
             if message.attachments:
                 await message.reply(NOT_AN_IMAGE, mention_author=False)
             return
+        image = None
+        if photo is not None:
+            try:
+                image = await read_attachment(photo, self.settings.max_upload_bytes)
+            except UserError as error:
+                await message.reply(str(error), mention_author=False)
+                return
         question = _question_text(message.content, self.user)
-        try:
-            image = await read_attachment(photo, self.settings.max_upload_bytes)
-        except UserError as error:
-            await message.reply(str(error), mention_author=False)
-            return
         reply_to = {"channel_id": str(message.channel.id), "message_id": str(message.id),
                     "user_id": str(message.author.id)}
 
@@ -176,7 +192,9 @@ class TalkMosaicBot(discord.Client):
             return MessageStatus(message, await message.reply(text, mention_author=False))
 
         reply = await self.updates.follow(
-            self.commands.ask(PLATFORM, str(message.author.id), reply_to, image, question), show
+            self.commands.ask(PLATFORM, str(message.author.id), reply_to, image, question,
+                              follow_up_of=follow_up_of),
+            show,
         )
         if reply.job_id is None:
             await message.reply(reply.text, mention_author=False)
@@ -189,14 +207,15 @@ class TalkMosaicBot(discord.Client):
             with contextlib.suppress(discord.HTTPException):
                 await message.reply(SORRY, mention_author=False)
 
-    async def _answer_without_status(self, job: Job, text: str) -> None:
+    async def _answer_without_status(self, job: Job, text: str) -> PostedAnswer | None:
         """Post an answer whose status message this process never saw (e.g. after a restart)."""
         channel_id = (job.reply_to or {}).get("channel_id")
         if not channel_id:
-            return
+            return None
         user = (job.reply_to or {}).get("user_id")
         prefix = f"<@{user}> " if user else ""
-        await self.get_partial_messageable(int(channel_id)).send(_clip(prefix + text))
+        posted = await self.get_partial_messageable(int(channel_id)).send(_clip(prefix + text))
+        return _posted(channel_id, posted)
 
 
 class MosaicGroup(app_commands.Group):
@@ -271,12 +290,13 @@ class InteractionStatus:
         if not self.interaction.is_expired():
             await self.interaction.edit_original_response(content=_clip(text))
 
-    async def finish(self, text: str) -> None:
+    async def finish(self, text: str) -> PostedAnswer:
         if not self.interaction.is_expired():
-            await self.interaction.followup.send(_clip(text))
-            return
-        channel = self.bot.get_partial_messageable(self.interaction.channel_id)
-        await channel.send(_clip(f"<@{self.interaction.user.id}> {text}"))
+            posted = await self.interaction.followup.send(_clip(text), wait=True)
+        else:
+            channel = self.bot.get_partial_messageable(self.interaction.channel_id)
+            posted = await channel.send(_clip(f"<@{self.interaction.user.id}> {text}"))
+        return _posted(self.interaction.channel_id, posted)
 
 
 class MessageStatus:
@@ -289,8 +309,12 @@ class MessageStatus:
     async def update(self, text: str) -> None:
         await self.status.edit(content=_clip(text))
 
-    async def finish(self, text: str) -> None:
-        await self.asked.reply(_clip(text))
+    async def finish(self, text: str) -> PostedAnswer:
+        return _posted(self.asked.channel.id, await self.asked.reply(_clip(text)))
+
+
+def _posted(channel_id: int | str, message: discord.Message) -> PostedAnswer:
+    return PostedAnswer(PLATFORM, str(channel_id), str(message.id))
 
 
 async def send_followup(

@@ -1,5 +1,6 @@
 """The Slack adapter (slack-bolt, async): `/mosaic build|show|list|tile`, thread replies such as
-`C7` under a mosaic, and photos shared with a question that mentions the app.
+`C7` under a mosaic, photos shared with a question that mentions the app, and follow-up
+questions: any reply in a thread where the app answered continues that conversation.
 
 Listeners ack() first (Slack wants it within 3 s), then do the work. A mosaic is posted as a
 message with its preview uploaded into that message's thread, where tile replies go.
@@ -9,7 +10,7 @@ import logging
 import re
 
 import aiohttp
-from slack_bolt.async_app import AsyncApp
+from slack_bolt.async_app import AsyncApp, AsyncBoltContext
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.commands import (
@@ -17,6 +18,7 @@ from bot.commands import (
     SORRY,
     Commands,
     JobUpdates,
+    PostedAnswer,
     Reply,
     check_attachment,
     error_reply,
@@ -158,51 +160,74 @@ def make_slack_app(
             reply = Reply(SORRY, ephemeral=True)
         await post(channel, user, reply)
 
-    @app.event("message")
-    async def thread_reply(event: dict) -> None:
-        """A reply such as C7 in the thread of a mosaic message."""
-        thread_ts, text = event.get("thread_ts"), event.get("text") or ""
-        if event.get("bot_id") or event.get("subtype") or not thread_ts:
-            return
-        if thread_ts == event.get("ts") or not is_coordinate(text):
-            return
-        channel = event["channel"]
-        reply = await commands.tile_for_message(PLATFORM, channel, thread_ts, text, max_bytes)
-        if reply is not None:
-            await post(channel, event["user"], reply, thread_ts=thread_ts)
-
-    @app.event("app_mention")
-    async def question_about_photo(event: dict) -> None:
-        """A photo shared with a question that mentions the app: queued, answered in thread."""
+    async def ask_in_thread(event: dict, thread_ts: str, follow_up_of: int | None = None) -> None:
+        """Queue the event's question about its photo and answer it in the thread. A follow-up
+        may come without a photo: it asks about its conversation's photo."""
         channel, user = event["channel"], event["user"]
-        thread_ts = event.get("thread_ts") or event["ts"]
         question = " ".join(MENTION.sub(" ", event.get("text") or "").split())
         photos = [f for f in event.get("files", [])
                   if (f.get("mimetype") or "").startswith("image/")]
-        if not photos:
+        if not photos and (event.get("files") or follow_up_of is None):
             if event.get("files"):
                 await post(channel, user, error_reply(BadImage(NOT_AN_IMAGE)), thread_ts)
             return
-        try:
-            image = await files.download(photos[0])
-        except UserError as error:
-            await post(channel, user, error_reply(error), thread_ts)
-            return
+        image = None
+        if photos:
+            try:
+                image = await files.download(photos[0])
+            except UserError as error:
+                await post(channel, user, error_reply(error), thread_ts)
+                return
         reply_to = {"channel": channel, "thread_ts": thread_ts, "user": user}
 
         async def show(text: str) -> SlackStatus:
             posted = await client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=text)
             return SlackStatus(client, channel, thread_ts, posted["ts"])
 
-        reply = await updates.follow(commands.ask(PLATFORM, user, reply_to, image, question), show)
+        asked = commands.ask(PLATFORM, user, reply_to, image, question, follow_up_of=follow_up_of)
+        reply = await updates.follow(asked, show)
         if reply.job_id is None:
             await post(channel, user, reply, thread_ts)
 
-    async def answer_without_status(job: Job, text: str) -> None:
+    @app.event("message")
+    async def thread_reply(event: dict, context: AsyncBoltContext) -> None:
+        """A reply in a thread: C7 under a mosaic, or a follow-up question under an answer."""
+        thread_ts, text = event.get("thread_ts"), event.get("text") or ""
+        if event.get("bot_id") or event.get("subtype") not in (None, "file_share"):
+            return
+        if not thread_ts or thread_ts == event.get("ts"):
+            return
+        channel = event["channel"]
+        if is_coordinate(text):
+            reply = await commands.tile_for_message(PLATFORM, channel, thread_ts, text, max_bytes)
+            if reply is not None:
+                await post(channel, event["user"], reply, thread_ts=thread_ts)
+            return
+        if f"<@{context.bot_user_id}>" in text:
+            return  # Slack sends it as an app_mention too; that listener takes it.
+        parent = await commands.follow_up_for_message(PLATFORM, channel, thread_ts)
+        if parent is not None:
+            await ask_in_thread(event, thread_ts, follow_up_of=parent)
+
+    @app.event("app_mention")
+    async def question_about_photo(event: dict) -> None:
+        """A photo shared with a question that mentions the app: queued, answered in thread.
+        In a thread where the app answered, it is a follow-up (its photo is optional)."""
+        thread_ts = event.get("thread_ts") or event["ts"]
+        parent = None
+        if event.get("thread_ts"):
+            parent = await commands.follow_up_for_message(PLATFORM, event["channel"], thread_ts)
+        await ask_in_thread(event, thread_ts, follow_up_of=parent)
+
+    async def answer_without_status(job: Job, text: str) -> PostedAnswer | None:
         where = job.reply_to or {}
-        if where.get("channel"):
-            await client.chat_postMessage(channel=where["channel"], text=text,
-                                          thread_ts=where.get("thread_ts"))
+        if not where.get("channel"):
+            return None
+        await client.chat_postMessage(channel=where["channel"], text=text,
+                                      thread_ts=where.get("thread_ts"))
+        if not where.get("thread_ts"):
+            return None
+        return PostedAnswer(PLATFORM, where["channel"], where["thread_ts"])
 
     @app.error
     async def unexpected_failure(error: Exception, body: dict) -> None:
@@ -231,6 +256,8 @@ class SlackStatus:
     async def update(self, text: str) -> None:
         await self.client.chat_update(channel=self.channel, ts=self.status_ts, text=text)
 
-    async def finish(self, text: str) -> None:
+    async def finish(self, text: str) -> PostedAnswer:
+        """Post the answer in the thread; the thread (its ts) is what a follow-up replies in."""
         await self.client.chat_postMessage(channel=self.channel, thread_ts=self.thread_ts,
                                            text=text)
+        return PostedAnswer(PLATFORM, self.channel, self.thread_ts)

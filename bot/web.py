@@ -1,4 +1,5 @@
-"""The web gallery (aiohttp): list of mosaics, a zoomable mosaic page, click a tile to see its car.
+"""The web gallery (aiohttp): list of mosaics, a zoomable mosaic page, click a tile to see its car,
+ask about it, and ask follow-ups about the answer.
 
 Everything served comes from the database and the media store by id or key; no path is ever
 taken from the request. Bound to 127.0.0.1 unless the settings say otherwise.
@@ -6,7 +7,7 @@ taken from the request. Bound to 127.0.0.1 unless the settings say otherwise.
 
 import asyncio
 import html
-from functools import cache, lru_cache
+from functools import cache, lru_cache, partial
 from importlib.resources import files
 
 from aiohttp import web
@@ -17,7 +18,7 @@ from core.gallery import TileLookup, list_mosaics, mosaic_by_id, render_bytes, t
 from core.images import image_content_type, jpeg_at_width
 from core.mosaic import format_coordinate
 from core.worker import JobQueue
-from storage.models import Mosaic
+from storage.models import Job, Mosaic
 
 CTX = web.AppKey("ctx", AppContext)
 QUEUE = web.AppKey("queue", JobQueue)
@@ -150,7 +151,8 @@ async def ask_about_tile(request: web.Request) -> web.Response:
     return web.json_response({"job": job.job_id, "position": job.position})
 
 
-async def api_job(request: web.Request) -> web.Response:
+async def _web_job(request: web.Request) -> tuple[JobQueue, Job]:
+    """The queue and the gallery's own job named in the path; 404 for any other."""
     queue = request.app.get(QUEUE)
     if queue is None:
         raise web.HTTPNotFound(text="There is no such question.")
@@ -161,7 +163,28 @@ async def api_job(request: web.Request) -> web.Response:
     job = await asyncio.to_thread(queue.get, job_id)
     if job is None or job.platform != "web":
         raise web.HTTPNotFound(text="There is no such question.")
-    position = await asyncio.to_thread(queue.position, job_id)
+    return queue, job
+
+
+async def ask_follow_up(request: web.Request) -> web.Response:
+    """A follow-up question about an answered job: same car photo, the earlier turns kept."""
+    queue, parent = await _web_job(request)
+    form = await request.post()
+    question = str(form.get("question", ""))
+    user = f"web:{request.remote}"
+    try:
+        job = await asyncio.to_thread(partial(
+            queue.submit, "web", user, dict(parent.reply_to or {}), None, question,
+            follow_up_of=parent.id,
+        ))
+    except UserError as error:
+        raise web.HTTPBadRequest(text=str(error)) from None
+    return web.json_response({"job": job.job_id, "position": job.position})
+
+
+async def api_job(request: web.Request) -> web.Response:
+    queue, job = await _web_job(request)
+    position = await asyncio.to_thread(queue.position, job.id)
     return web.json_response(
         {
             "status": job.status,
@@ -199,6 +222,7 @@ def make_gallery_app(ctx: AppContext, queue: JobQueue | None = None) -> web.Appl
             web.get("/api/mosaics/{mosaic_id}/tiles/{coord}/photo", tile_photo),
             web.post("/api/mosaics/{mosaic_id}/tiles/{coord}/ask", ask_about_tile),
             web.get("/api/jobs/{job_id}", api_job),
+            web.post("/api/jobs/{job_id}/follow-up", ask_follow_up),
             web.get("/media/mosaics/{mosaic_id}/render", render),
         ]
     )

@@ -31,6 +31,14 @@ class QueueFull(UserError):
     """The job queue, or this user's share of it, is full."""
 
 
+class UnknownConversation(UserError):
+    """A follow-up to a question that is unknown here, not answered, or from another platform."""
+
+
+class ConversationTooLong(UserError):
+    """A follow-up beyond the most questions one conversation may have."""
+
+
 class EmptyLibrary(UserError):
     """A mosaic was requested before any car photo was added."""
 
@@ -53,11 +61,13 @@ __all__ = [
     "BadMosaicName",
     "BadMosaicOptions",
     "BadQuestion",
+    "ConversationTooLong",
     "EmptyLibrary",
     "LibraryTooSmall",
     "ModelNotInstalled",
     "MosaicExists",
     "QueueFull",
+    "UnknownConversation",
     "UnknownMosaic",
     "UserError",
 ]

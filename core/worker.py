@@ -2,6 +2,8 @@
 
 `JobQueue` is synchronous (adapters call it through `asyncio.to_thread`); `Worker` is async.
 Any number of workers, in one process or many, may share one database (SQLite or PostgreSQL).
+A follow-up question is a job of its own that continues an answered one: it asks about the same
+photo unless it brings a new one, and its answer function sees the earlier turns.
 
 How a job is run, and why:
 - A worker claims the oldest queued job with one conditional UPDATE (storage/jobs.py) and holds
@@ -33,9 +35,20 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 
+from sqlalchemy.orm import Session
+
 from core.context import AppContext
-from core.errors import BadImage, BadQuestion, ModelNotInstalled, QueueFull, UserError
+from core.errors import (
+    BadImage,
+    BadQuestion,
+    ConversationTooLong,
+    ModelNotInstalled,
+    QueueFull,
+    UnknownConversation,
+    UserError,
+)
 from storage import jobs as job_rows
+from storage.conversations import earlier_turns, link_follow_up
 from storage.media import MediaMissing, MediaStore, sha256_hex
 from storage.models import Job, utcnow
 
@@ -47,6 +60,8 @@ Progress = Callable[[str], None]
 OnUpdate = Callable[[int, str, str], Awaitable[None]]
 FINAL_EVENTS = frozenset({"done", "failed", "timed_out", "cancelled"})
 UNEXPECTED_FAILURE = "Sorry, something went wrong while answering; please try again later."
+# Questions in one conversation, the first included: each turn makes the prompt longer.
+MAX_CONVERSATION_TURNS = 8
 
 _worker_numbers = itertools.count()
 
@@ -69,6 +84,14 @@ class JobView:
     image_sha256: str | None
     attempt: int  # 1 on the first start, 2 after one interruption, ...
     load_image: Callable[[], bytes | None] = field(repr=False, compare=False)
+    # The id of the conversation's first job; left out (None), it is this job's own id.
+    conversation_id: int | None = None
+    # The earlier turns as (question, answer) pairs, oldest first; empty for a first question.
+    history: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.conversation_id is None:
+            object.__setattr__(self, "conversation_id", self.id)
 
 
 @dataclass
@@ -128,15 +151,28 @@ class JobQueue:
         self.max_question_chars = max_question_chars or settings.max_question_chars
 
     def submit(
-        self, platform: str, user_id: str, reply_to: dict, image: bytes | None, question: str
+        self,
+        platform: str,
+        user_id: str,
+        reply_to: dict,
+        image: bytes | None,
+        question: str,
+        follow_up_of: int | None = None,
     ) -> SubmittedJob:
-        """Queue a question; raises BadQuestion, BadImage (too many bytes) or QueueFull."""
+        """Queue a question; raises BadQuestion, BadImage (too many bytes) or QueueFull.
+
+        `follow_up_of` makes it a follow-up to that answered job of the same platform (raises
+        UnknownConversation otherwise, or ConversationTooLong); without an image of its own it
+        asks about that job's photo."""
         question = check_question(question, self.max_question_chars)
         if image is not None and len(image) > self.ctx.settings.max_upload_bytes:
             limit_mib = self.ctx.settings.max_upload_bytes // (1024 * 1024)
             raise BadImage(f"That image is over the {limit_mib} MiB upload limit.")
         with self.ctx.db.session() as session:
             job_rows.lock_for_submit(session)
+            parent = None
+            if follow_up_of is not None:
+                parent = _answered_parent(session, platform, follow_up_of)
             # Insert first, then count: on SQLite the INSERT takes the write lock, so the counts
             # below see every other submission and the limits hold exactly.
             job = Job(
@@ -146,6 +182,10 @@ class JobQueue:
                 image_sha256=sha256_hex(image) if image is not None else None,
                 question=question,
             )
+            if image is None and parent is not None:
+                # The same photo: the media store is content-addressed, so sharing its key is safe.
+                job.image_sha256 = parent.image_sha256
+                job.image_media_key = parent.image_media_key
             session.add(job)
             session.flush()
             mine, everyone = job_rows.pending_counts(session, user_id)
@@ -158,6 +198,8 @@ class JobQueue:
                     f"The queue is full ({_questions(everyone - 1)} waiting); "
                     "please try again in a few minutes."
                 )
+            if parent is not None:
+                link_follow_up(session, job.id, parent.id)
             if image is not None:
                 job.image_media_key = self.ctx.media.put(image)
             position = job_rows.queue_position(session, job.id, utcnow())
@@ -183,6 +225,31 @@ class JobQueue:
 
 def _questions(count: int) -> str:
     return f"{count} question{'s' if count != 1 else ''}"
+
+
+def _answered_parent(session: Session, platform: str, job_id: int) -> Job:
+    """The job a follow-up continues: it must exist on this platform, be answered, and leave
+    room in its conversation."""
+    parent = job_rows.job_by_id(session, job_id)
+    if parent is None or parent.platform != platform:
+        raise UnknownConversation(
+            "That answer is no longer available to follow up on; please ask again with a photo."
+        )
+    if parent.status in job_rows.PENDING:
+        raise UnknownConversation(
+            "That question has not been answered yet; please wait for its answer, then follow up."
+        )
+    if parent.status != "done":
+        raise UnknownConversation(
+            "That question was not answered, so there is nothing to follow up on; "
+            "please ask it again."
+        )
+    if len(earlier_turns(session, parent.id)) + 1 >= MAX_CONVERSATION_TURNS:
+        raise ConversationTooLong(
+            f"This conversation already has {MAX_CONVERSATION_TURNS} questions; "
+            "please start a new one by asking again with a photo."
+        )
+    return parent
 
 
 def _read_image(media: MediaStore, key: str | None) -> bytes | None:
@@ -312,6 +379,7 @@ class Worker:
         events.put_nowait((job.id, "started", f"Working on your question{again}."))
         loop = asyncio.get_running_loop()
         abandon = threading.Event()
+        turns = await asyncio.to_thread(self._earlier_turns, job.id)
         view = JobView(
             id=job.id,
             user_id=job.user_id,
@@ -321,6 +389,8 @@ class Worker:
             image_sha256=job.image_sha256,
             attempt=job.attempts,
             load_image=partial(_read_image, self.ctx.media, job.image_media_key),
+            conversation_id=turns[0].id if turns else job.id,
+            history=tuple((turn.question, turn.answer or "") for turn in turns),
         )
         progress = partial(self._progress, loop, events, job.id, abandon)
         started = time.monotonic()
@@ -472,6 +542,10 @@ class Worker:
     def _get(self, job_id: int) -> Job | None:
         with self.ctx.db.session() as session:
             return job_rows.job_by_id(session, job_id)
+
+    def _earlier_turns(self, job_id: int) -> list[Job]:
+        with self.ctx.db.session() as session:
+            return earlier_turns(session, job_id)
 
     def _positions(self) -> dict[int, int]:
         with self.ctx.db.session() as session:

@@ -1,11 +1,12 @@
-"""Chat messages that show a mosaic: remember one when it is posted, find its mosaic when someone
-replies to it with a tile coordinate. (platform, channel_id, message_id) is unique.
+"""Chat messages that show a mosaic or an answer: remember one when it is posted, then find its
+mosaic when someone replies with a tile coordinate, or its job when someone asks a follow-up.
+(platform, channel_id, message_id) is unique in each table.
 """
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from storage.models import Mosaic, MosaicMessage
+from storage.models import AnswerMessage, Mosaic, MosaicMessage
 
 
 def remember_message(
@@ -40,3 +41,35 @@ def mosaic_for_message(
         )
     )
     return session.scalar(query)
+
+
+def remember_answer(
+    session: Session, platform: str, channel_id: str, message_id: str, job_id: int
+) -> None:
+    """Record that this message shows this job's answer; recording it again points it at the new
+    job (a Slack thread shows its latest answer)."""
+    existing = session.scalar(
+        select(AnswerMessage).where(
+            AnswerMessage.platform == platform,
+            AnswerMessage.channel_id == channel_id,
+            AnswerMessage.message_id == message_id,
+        )
+    )
+    if existing is None:
+        session.add(AnswerMessage(platform=platform, channel_id=channel_id,
+                                  message_id=message_id, job_id=job_id))
+    else:
+        existing.job_id = job_id
+
+
+def job_for_answer_message(
+    session: Session, platform: str, channel_id: str, message_id: str
+) -> int | None:
+    """The id of the job whose answer a message shows, or None if it shows none."""
+    return session.scalar(
+        select(AnswerMessage.job_id).where(
+            AnswerMessage.platform == platform,
+            AnswerMessage.channel_id == channel_id,
+            AnswerMessage.message_id == message_id,
+        )
+    )

@@ -1,4 +1,5 @@
-"""The tables: car photos, mosaics and their tiles, Q&A jobs, and chat messages showing a mosaic."""
+"""The tables: car photos, mosaics and their tiles, Q&A jobs and the follow-ups that continue
+them, and the chat messages that show a mosaic or an answer."""
 
 from datetime import UTC, datetime
 
@@ -126,6 +127,19 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class FollowUp(Base):
+    """A job that continues an answered one: a follow-up question in the same conversation.
+
+    A table of its own, not a column of `jobs`: deployed databases gain new tables on start
+    (create_all) but no new columns. A first question has no row here."""
+
+    __tablename__ = "follow_ups"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"),
+                                        primary_key=True)
+    parent_job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+
+
 class MosaicMessage(Base):
     """A chat message that shows a mosaic, so a reply such as `C7` finds its mosaic."""
 
@@ -137,4 +151,20 @@ class MosaicMessage(Base):
     channel_id: Mapped[str] = mapped_column(String(120))
     message_id: Mapped[str] = mapped_column(String(120))
     mosaic_id: Mapped[int] = mapped_column(ForeignKey("mosaics.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AnswerMessage(Base):
+    """A chat message that shows a job's answer, so a reply to it becomes a follow-up question.
+
+    On Slack the message is the thread (its ts) and points at the thread's latest answer."""
+
+    __tablename__ = "answer_messages"
+    __table_args__ = (UniqueConstraint("platform", "channel_id", "message_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    platform: Mapped[str] = mapped_column(String(20))
+    channel_id: Mapped[str] = mapped_column(String(120))
+    message_id: Mapped[str] = mapped_column(String(120))
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,5 +1,6 @@
 """The platform-agnostic command layer: replies, errors as one sentence, cooldowns, remembered
-mosaic messages, job status routing, and `python -m bot`'s start-up and shutdown."""
+mosaic and answer messages, follow-ups, job status routing, and `python -m bot`'s start-up and
+shutdown."""
 
 import asyncio
 import json
@@ -14,7 +15,14 @@ from slack_sdk.signature import SignatureVerifier
 from sqlalchemy import select
 
 from bot.__main__ import serve, start_slack
-from bot.commands import Commands, Cooldowns, Reply, check_attachment, is_coordinate
+from bot.commands import (
+    Commands,
+    Cooldowns,
+    PostedAnswer,
+    Reply,
+    check_attachment,
+    is_coordinate,
+)
 from core.errors import BadImage, ModelNotInstalled
 from core.worker import JobQueue, Worker
 from storage.models import Job, Mosaic
@@ -372,3 +380,66 @@ async def test_without_an_installed_model_the_worker_still_tells_each_asker(
         await stop()
     finished = queue.get(job.job_id)
     assert (finished.status, finished.error) == ("failed", missing)
+
+
+class PostingStatus(RecordedStatus):
+    """A status whose answer is posted as message "m-answer" in channel "c1"."""
+
+    async def finish(self, text: str) -> PostedAnswer:
+        await super().finish(text)
+        return PostedAnswer("discord", "c1", "m-answer")
+
+
+async def answer_shown(commands, updates, ctx, photo: bytes, event: str = "done") -> int:
+    """Ask, let the worker's final `event` arrive, and return the job id."""
+
+    async def show(text: str) -> PostingStatus:
+        return PostingStatus([])
+
+    reply = await updates.follow(commands.ask("discord", "u1", {}, photo, QUESTION), show)
+    with ctx.db.session() as session:
+        session.get(Job, reply.job_id).status = event
+    await updates(reply.job_id, event, "the answer")
+    return reply.job_id
+
+
+async def test_the_message_showing_an_answer_leads_to_its_job(
+    ctx, commands, updates, vehicle_photos
+):
+    job_id = await answer_shown(commands, updates, ctx, vehicle_photos[0].read_bytes())
+    assert await commands.follow_up_for_message("discord", "c1", "m-answer") == job_id
+    assert await commands.follow_up_for_message("discord", "c1", "m-other") is None
+    assert await commands.follow_up_for_message("slack", "c1", "m-answer") is None
+
+
+async def test_a_message_explaining_a_failure_leads_to_no_job(
+    ctx, commands, updates, vehicle_photos
+):
+    await answer_shown(commands, updates, ctx, vehicle_photos[0].read_bytes(), event="failed")
+    assert await commands.follow_up_for_message("discord", "c1", "m-answer") is None
+
+
+async def test_a_follow_up_without_a_photo_is_queued_about_the_conversations_photo(
+    ctx, commands, updates, vehicle_photos
+):
+    photo = vehicle_photos[0].read_bytes()
+    first = await answer_shown(commands, updates, ctx, photo)
+    reply = await commands.ask("discord", "u1", {}, None, "And its tyres?", follow_up_of=first)
+    assert reply.job_id is not None and not reply.ephemeral
+    follow_up = commands.queue.get(reply.job_id)
+    assert follow_up.image_media_key == commands.queue.get(first).image_media_key
+
+
+async def test_a_follow_up_to_an_unknown_answer_is_one_ephemeral_sentence(ctx, commands):
+    reply = await commands.ask("discord", "u1", {}, None, "And its tyres?", follow_up_of=99)
+    assert reply.ephemeral and reply.job_id is None
+    assert reply.text == (
+        "That answer is no longer available to follow up on; please ask again with a photo."
+    )
+    assert job_count(ctx) == 0
+
+
+async def test_a_first_question_without_a_photo_is_one_sentence(ctx, commands):
+    reply = await commands.ask("discord", "u1", {}, None, "What car is it?")
+    assert reply.ephemeral and reply.text == "Please send a photo of a car with your question."
+    assert job_count(ctx) == 0

@@ -13,8 +13,8 @@ from discord.utils import time_snowflake
 
 from bot.discord_bot import TalkMosaicBot
 from core.mosaic import preview_image
-from storage.messages import mosaic_for_message
-from storage.models import Job
+from storage.messages import job_for_answer_message, mosaic_for_message
+from storage.models import FollowUp, Job
 from tests.bot.conftest import MOSAIC_NAME, car_at, fox_image
 from tests.bot.discord_stand_in import (
     APP_ID,
@@ -363,3 +363,76 @@ async def test_an_unexpected_failure_on_a_coordinate_reply_is_one_sentence(
     bot._connection.parse_message_create(message_payload("C7", reference=snowflake()))
     [reply] = await stand_in.wait_for(lambda _: channel_posts(stand_in))
     assert reply.content == "Something went wrong on our side; please try again later."
+
+
+async def remembered_answer(ctx, message_id: str) -> int:
+    """The job whose answer a posted message shows, once the bot has remembered it."""
+    async with asyncio.timeout(10):
+        while True:
+            with ctx.db.session() as session:
+                job_id = job_for_answer_message(session, "discord", str(CHANNEL_ID), message_id)
+            if job_id is not None:
+                return job_id
+            await asyncio.sleep(0.02)
+
+
+def follow_up_of(ctx, job_id: int) -> int | None:
+    with ctx.db.session() as session:
+        link = session.get(FollowUp, job_id)
+        return None if link is None else link.parent_job_id
+
+
+async def test_a_reply_to_the_bots_answer_is_a_follow_up_about_the_same_photo(
+    bot, stand_in, ctx, worker, vehicle_photos
+):
+    photo = served_attachment(stand_in, vehicle_photos[2].read_bytes())
+    bot._connection.parse_message_create(mentioning_the_bot("what tyre should I buy?", [photo]))
+    _status, answer = await stand_in.wait_for(lambda _: channel_posts(stand_in, at_least=2))
+    first = await remembered_answer(ctx, answer.response["id"])
+    downloads = len([c for c in stand_in.calls if c.path.startswith("/cdn/")])
+
+    follow_up = message_payload("and how long do they last?", reference=answer.response["id"])
+    bot._connection.parse_message_create(follow_up)
+    posts = await stand_in.wait_for(lambda _: channel_posts(stand_in, at_least=4))
+    status, second_answer = posts[2], posts[3]
+    assert "next in line" in status.content or "in the queue" in status.content
+    assert second_answer.content == "Fake answer to: and how long do they last?"
+    assert str(second_answer.payload["message_reference"]["message_id"]) == follow_up["id"]
+    second = await remembered_answer(ctx, second_answer.response["id"])
+    assert follow_up_of(ctx, second) == first
+    with ctx.db.session() as session:
+        assert session.get(Job, second).image_sha256 == session.get(Job, first).image_sha256
+    assert len([c for c in stand_in.calls if c.path.startswith("/cdn/")]) == downloads
+
+
+async def test_the_answer_to_a_slash_command_can_be_followed_up(
+    bot, stand_in, ctx, worker, vehicle_photos
+):
+    token, _ = dispatch_interaction(
+        bot, ask_data(stand_in, vehicle_photos[0].read_bytes(), "image/jpeg", "Which fuel?")
+    )
+    [answer] = await stand_in.wait_for(lambda _: followups(stand_in, token))
+    first = await remembered_answer(ctx, answer.response["id"])
+    bot._connection.parse_message_create(
+        message_payload("is it a hybrid?", reference=answer.response["id"])
+    )
+    _status, second_answer = await stand_in.wait_for(lambda _: channel_posts(stand_in, 2))
+    assert second_answer.content == "Fake answer to: is it a hybrid?"
+    assert follow_up_of(ctx, await remembered_answer(ctx, second_answer.response["id"])) == first
+
+
+async def test_a_follow_up_with_a_file_that_is_not_an_image_is_one_sentence(
+    bot, stand_in, ctx, worker, vehicle_photos
+):
+    photo = served_attachment(stand_in, vehicle_photos[2].read_bytes())
+    bot._connection.parse_message_create(mentioning_the_bot("what tyre?", [photo]))
+    _status, answer = await stand_in.wait_for(lambda _: channel_posts(stand_in, at_least=2))
+    await remembered_answer(ctx, answer.response["id"])
+    pdf = attachment_payload(stand_in.base_url, "doc.pdf", 8, "application/pdf")
+    bot._connection.parse_message_create(
+        message_payload("and this?", reference=answer.response["id"], attachments=[pdf])
+    )
+    posts = await stand_in.wait_for(lambda _: channel_posts(stand_in, at_least=3))
+    assert posts[2].content == "That file is not an image: send a JPEG, PNG or WebP photo."
+    with ctx.db.session() as session:
+        assert session.query(Job).count() == 1

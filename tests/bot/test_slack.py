@@ -12,8 +12,8 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.slack_app import SlackFiles, make_slack_app
 from core.mosaic import preview_image
 from core.worker import Worker
-from storage.messages import mosaic_for_message
-from storage.models import Job
+from storage.messages import job_for_answer_message, mosaic_for_message
+from storage.models import FollowUp, Job
 from tests.bot.conftest import MOSAIC_NAME, car_at, fake_answer, fox_image
 from tests.bot.slack_stand_in import (
     BOT_TOKEN,
@@ -277,3 +277,93 @@ async def test_an_unexpected_failure_under_a_mosaic_thread_is_one_ephemeral_sent
     [error] = await stand_in.wait_for(lambda _: stand_in.api("chat.postEphemeral"))
     assert error.args["text"] == "Something went wrong on our side; please try again later."
     assert error.args["thread_ts"] == "1790000000.000100"
+
+
+async def answered_in_a_thread(app, stand_in, ctx, photo_bytes: bytes) -> tuple[dict, int]:
+    """Ask a question with a photo; (the question's event, its job) once the answer is in."""
+    photo = stand_in.serve_file("car.jpg", photo_bytes, "image/jpeg")
+    event = mention(stand_in, f"<@{BOT_USER}> which parts of this car pollute?", [photo])
+    await dispatch(app, event_callback(event))
+    await stand_in.wait_for(lambda _: posted_messages(stand_in, at_least=2))
+    async with asyncio.timeout(10):
+        while (job_id := remembered(ctx, event["ts"])) is None:
+            await asyncio.sleep(0.02)
+    return event, job_id
+
+
+def remembered(ctx, thread_ts: str) -> int | None:
+    with ctx.db.session() as session:
+        return job_for_answer_message(session, "slack", CHANNEL, thread_ts)
+
+
+def thread_message(thread_ts: str, text: str, **fields) -> dict:
+    return {"type": "message", "channel": CHANNEL, "user": USER, "text": text, "ts": next_ts(),
+            "thread_ts": thread_ts, **fields}
+
+
+def jobs(ctx) -> list[Job]:
+    with ctx.db.session() as session:
+        return list(session.query(Job).order_by(Job.id))
+
+
+async def test_a_thread_reply_under_an_answer_is_a_follow_up_about_the_same_photo(
+    app, stand_in, ctx, worker, vehicle_photos
+):
+    asked, first = await answered_in_a_thread(app, stand_in, ctx, vehicle_photos[0].read_bytes())
+    await dispatch(app, event_callback(thread_message(asked["ts"], "and what about its tyres?")))
+    posts = await stand_in.wait_for(lambda _: posted_messages(stand_in, at_least=4))
+    status, answer = posts[2], posts[3]
+    assert "next in line" in status.args["text"] or "in the queue" in status.args["text"]
+    assert answer.args["text"] == "Fake answer to: and what about its tyres?"
+    assert status.args["thread_ts"] == answer.args["thread_ts"] == asked["ts"]
+    first_job, second_job = jobs(ctx)
+    with ctx.db.session() as session:
+        assert session.get(FollowUp, second_job.id).parent_job_id == first
+    assert second_job.image_media_key == first_job.image_media_key
+    assert len([c for c in stand_in.calls if c.method.startswith("GET /files/")]) == 1
+
+
+async def test_the_thread_points_at_its_latest_answer(app, stand_in, ctx, worker, vehicle_photos):
+    asked, first = await answered_in_a_thread(app, stand_in, ctx, vehicle_photos[0].read_bytes())
+    await dispatch(app, event_callback(thread_message(asked["ts"], "and its tyres?")))
+    await stand_in.wait_for(lambda _: posted_messages(stand_in, at_least=4))
+    async with asyncio.timeout(10):
+        while remembered(ctx, asked["ts"]) == first:
+            await asyncio.sleep(0.02)
+    assert remembered(ctx, asked["ts"]) == jobs(ctx)[1].id
+
+
+async def test_a_mention_in_an_answers_thread_is_one_follow_up(
+    app, stand_in, ctx, worker, vehicle_photos
+):
+    asked, first = await answered_in_a_thread(app, stand_in, ctx, vehicle_photos[0].read_bytes())
+    # Slack sends a mention in a thread twice: as a message and as an app_mention.
+    reply = thread_message(asked["ts"], f"<@{BOT_USER}> is it a diesel?")
+    await dispatch(app, event_callback(reply))
+    await dispatch(app, event_callback({**reply, "type": "app_mention"}))
+    posts = await stand_in.wait_for(lambda _: posted_messages(stand_in, at_least=4))
+    assert posts[3].args["text"] == "Fake answer to: is it a diesel?"
+    await asyncio.sleep(0.3)
+    assert len(jobs(ctx)) == 2
+    with ctx.db.session() as session:
+        assert session.get(FollowUp, jobs(ctx)[1].id).parent_job_id == first
+
+
+async def test_the_apps_own_messages_in_an_answers_thread_are_ignored(
+    app, stand_in, ctx, worker, vehicle_photos
+):
+    asked, _first = await answered_in_a_thread(app, stand_in, ctx, vehicle_photos[0].read_bytes())
+    await dispatch(app, event_callback(thread_message(asked["ts"], "Your question is next.",
+                                                      bot_id="B0BOT", user=BOT_USER)))
+    await dispatch(app, slash_command("list"))  # something to wait for
+    await stand_in.wait_for(lambda _: stand_in.api("chat.postEphemeral"))
+    assert len(jobs(ctx)) == 1
+    assert len(posted_messages(stand_in, at_least=2)) == 2
+
+
+async def test_a_reply_in_a_thread_without_an_answer_is_ignored(app, stand_in, ctx, worker):
+    await dispatch(app, event_callback(thread_message(next_ts(), "and its tyres?")))
+    await dispatch(app, slash_command("list"))  # something to wait for
+    await stand_in.wait_for(lambda _: stand_in.api("chat.postEphemeral"))
+    assert jobs(ctx) == []
+    assert not stand_in.api("chat.postMessage")

@@ -1,5 +1,7 @@
-"""The web gallery: served on loopback, clicking a tile shows the car photo behind it."""
+"""The web gallery: served on loopback, clicking a tile shows the car photo behind it, and a
+question about it gets an answer that follow-up questions continue."""
 
+import asyncio
 import io
 import shutil
 from pathlib import Path
@@ -13,6 +15,7 @@ from bot.web import bound_port, start_gallery
 from core.gallery import tile_lookup
 from core.library import add_car_photo
 from core.mosaic import MosaicOptions, build_mosaic
+from core.worker import AnswerResult, JobQueue, Worker
 from tests.bot.conftest import car_at
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -140,8 +143,6 @@ async def test_clicking_a_tile_shows_its_car_in_the_browser(ctx, gallery, mosaic
 
 
 async def test_asking_about_a_tile_queues_a_job_and_shows_the_answer(ctx, mosaic):
-    from core.worker import AnswerResult, JobQueue, Worker
-
     seen = []
 
     def answer(job, progress):
@@ -168,3 +169,113 @@ async def test_asking_about_a_tile_queues_a_job_and_shows_the_answer(ctx, mosaic
     assert status["status"] == "done"
     assert status["answer"] == "A catalytic converter [1]."
     assert seen == [car_at(ctx, mosaic, 1, 2)]
+
+
+class NumberedAnswers:
+    """An answer function that keeps what each job saw: its earlier turns and its photo."""
+
+    def __init__(self):
+        self.seen: list[tuple[tuple, bytes | None]] = []
+
+    def __call__(self, job, progress) -> AnswerResult:
+        self.seen.append((job.history, job.load_image()))
+        return AnswerResult(f"Answer {len(self.seen)}.", [], {})
+
+
+@pytest.fixture
+async def asking_gallery(ctx, mosaic):
+    """A gallery that takes questions: its API's base URL."""
+    runner = await start_gallery(ctx, "127.0.0.1", 0, queue=JobQueue(ctx))
+    yield f"http://127.0.0.1:{bound_port(runner)}"
+    await runner.cleanup()
+
+
+async def test_a_follow_up_asks_about_the_same_car_with_the_earlier_turns(
+    ctx, mosaic, asking_gallery
+):
+    answers = NumberedAnswers()
+    worker = Worker(ctx, answers, poll_s=0.01)
+    base = f"{asking_gallery}/api"
+    async with aiohttp.ClientSession() as http:
+        ask = f"{base}/mosaics/{mosaic.id}/tiles/C2/ask"
+        async with http.post(ask, data={"question": "What pollutes?"}) as response:
+            first = (await response.json())["job"]
+        await worker.run_once()
+        follow_up = f"{base}/jobs/{first}/follow-up"
+        async with http.post(follow_up, data={"question": "And its tyres?"}) as response:
+            queued = await response.json()
+        await worker.run_once()
+        async with http.get(f"{base}/jobs/{queued['job']}") as response:
+            status = await response.json()
+    assert queued["position"] == 1
+    assert (status["status"], status["answer"]) == ("done", "Answer 2.")
+    assert answers.seen[1] == ((("What pollutes?", "Answer 1."),), car_at(ctx, mosaic, 1, 2))
+
+
+async def test_a_follow_up_to_an_unanswered_question_is_one_sentence(
+    ctx, mosaic, asking_gallery
+):
+    base = f"{asking_gallery}/api"
+    async with aiohttp.ClientSession() as http:
+        ask = f"{base}/mosaics/{mosaic.id}/tiles/C2/ask"
+        async with http.post(ask, data={"question": "What pollutes?"}) as response:
+            waiting = (await response.json())["job"]
+        follow_up = f"{base}/jobs/{waiting}/follow-up"
+        async with http.post(follow_up, data={"question": "And?"}) as response:
+            refused = (response.status, await response.text())
+        async with http.post(f"{base}/jobs/999/follow-up", data={"question": "And?"}) as response:
+            unknown = response.status
+    assert refused == (
+        400, "That question has not been answered yet; please wait for its answer, then follow up."
+    )
+    assert unknown == 404
+
+
+async def test_a_follow_up_to_a_chat_question_is_not_found(ctx, mosaic, asking_gallery):
+    chat = JobQueue(ctx).submit("discord", "alice", {}, None, "Which fuel?")
+    await Worker(ctx, NumberedAnswers()).run_once()
+    async with aiohttp.ClientSession() as http:
+        url = f"{asking_gallery}/api/jobs/{chat.job_id}/follow-up"
+        async with http.post(url, data={"question": "And?"}) as response:
+            assert response.status == 404
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed")
+async def test_a_follow_up_answer_shows_below_the_first_in_the_browser(
+    ctx, mosaic, asking_gallery
+):
+    from playwright.async_api import async_playwright
+
+    answers = NumberedAnswers()
+    working = asyncio.create_task(Worker(ctx, answers, poll_s=0.05).run_forever())
+    try:
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(
+                executable_path=CHROMIUM,
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                      "--disable-component-update", "--disable-sync", "--no-first-run"],
+            )
+            page = await browser.new_page(viewport={"width": 1200, "height": 800})
+            await page.goto(f"{asking_gallery}/m/{mosaic.id}")
+            await page.wait_for_function("document.getElementById('mosaic').naturalWidth > 0")
+            image = page.locator("#mosaic")
+            box = await image.bounding_box()
+            await image.click(position={"x": box["width"] / mosaic.cols * 2.5,
+                                        "y": box["height"] / mosaic.rows * 1.5})
+            await page.fill("#question", "What pollutes?")
+            await page.click("#ask-form button")
+            await page.locator("#follow-up-form").wait_for(state="visible")
+            await page.fill("#follow-up", "And its tyres?")
+            await page.click("#follow-up-form button")
+            await page.locator(".turn:nth-child(2) .answer", has_text="Answer 2.").wait_for()
+            questions = await page.locator(".turn .question").all_inner_texts()
+            shown = await page.locator(".turn .answer").all_inner_texts()
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / "gallery-follow-up.png"))
+            await browser.close()
+    finally:
+        working.cancel()
+        await asyncio.gather(working, return_exceptions=True)
+    assert questions == ["What pollutes?", "And its tyres?"]
+    assert [text.strip() for text in shown] == ["Answer 1.", "Answer 2."]
+    assert answers.seen[1][0] == (("What pollutes?", "Answer 1."),)
