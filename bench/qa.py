@@ -68,6 +68,14 @@ def correct(text: str, sources: list[dict], case: dict) -> bool:
     return states and any(s["id"] in case["required_facts"] for s in sources)
 
 
+def lead_correct(text: str, sources: list[dict], case: dict) -> bool:
+    """The first paragraph a person reads (after any note about the photo) answers."""
+    paragraphs = [p for p in text.split("\n\n") if not p.startswith("I could not tell")]
+    lead = paragraphs[0] if paragraphs else ""
+    cited = {int(n) for n in re.findall(r"\[(\d+)\]", lead)}
+    return correct(lead, [s for s in sources if s["n"] in cited], case)
+
+
 def wrong(text: str, sources: list[dict], case: dict, kb: KnowledgeBase) -> bool:
     """A known wrong claim, or a shown number that is in none of the sources it cites."""
     body = text.split("\n\nSources:")[0]
@@ -148,7 +156,7 @@ def main() -> None:
         no_model = peer.answer(image, case["question"])
         facts = default.retrieve(case["question"], answer.evidence)
         top = facts[0][0] if facts else None
-        quoted = f"{top.text} [1]" if top else ""
+        quoted = f"{top.text} [1]\n\nSources: [1] {top.title}" if top else ""
         top_sources = [{"n": 1, "id": top.id}] if top else []
         rows = {
             "default (model ranks fact sentences)": (answer.text, answer.sources),
@@ -158,7 +166,7 @@ def main() -> None:
         for label, (text, sources) in rows.items():
             marks.setdefault(label, []).append((
                 correct(text, sources, case), wrong(text, sources, case, kb),
-                first_repeat(text) is not None,
+                first_repeat(text) is not None, lead_correct(text, sources, case),
             ))  # fmt: skip
         ok = marks["default (model ranks fact sentences)"][-1]
         log(f"{number}/{len(cases)} {answer.timings.get('total_s', 0):.1f} s "
@@ -222,12 +230,13 @@ def main() -> None:
         "a prompt",
         "",
         f"Answer quality ({len(cases)} in-scope cases of bench/data/qa_eval.json)",
-        f"{'answerer':<42}{'correct':>9}{'unsupported/wrong':>19}{'repeats':>9}",
+        f"{'answerer':<42}{'correct':>9}{'lead correct':>14}{'unsupported/wrong':>19}"
+        f"{'repeats':>9}",
     ]
     for label, rows in marks.items():
         n = len(rows)
         lines.append(
-            f"{label:<42}{sum(r[0] for r in rows) / n:>9.1%}"
+            f"{label:<42}{sum(r[0] for r in rows) / n:>9.1%}{sum(r[3] for r in rows) / n:>14.1%}"
             f"{sum(r[1] for r in rows):>13}/{n:<5}{sum(r[2] for r in rows):>9}"
         )
     kinds = sorted({kind for kind, _ in scope_ok})

@@ -29,7 +29,8 @@ _LEANING = re.compile(r"^(?:it|its|this|these|that|those|they|them|such|both|so|
 _INJECTION = re.compile(
     r"\b(?:ignore|disregard|forget|override)\b.{0,40}\b(?:instructions?|rules|prompt|above|"
     r"previous|everything)\b|system prompt|\byou are now\b|\bpretend\b|\bjailbreak|\bDAN\b|"
-    r"developer mode|\bact as\b|\brole-?play\b|\breveal\b.{0,30}\b(?:prompt|instructions)|"
+    r"developer mode|\bact as\b|\bfrom now on\b|\bforget (?:the|all|about|everything)\b|"
+    r"\brole-?play\b|\breveal\b.{0,30}\b(?:prompt|instructions)|"
     r"\brepeat\b.{0,30}\b(?:prompt|instructions)",
     re.IGNORECASE,
 )
@@ -45,6 +46,15 @@ _FOREIGN = frozenset(
     "è che della questa perché macchina het een wat hoe waarom deze zijn o os um uma é carro "
     "quais porque".split()
 )
+# Words that place a question in the domain; without one, retrieval must be surer.
+_DOMAIN = re.compile(
+    r"\b(?:cars?|vehicles?|this|it|its|engines?|motors?|fuels?|petrol|gasoline|diesel|electric|"
+    r"hybrid|ev|tyres?|tires?|brakes?|exhaust|emissions?|emit|pollut\w*|co2|nox|euro|"
+    r"standards?|drive|driving|battery|charging|oil|adblue|catalytic|filter|pickups?|trucks?|"
+    r"suv|vans?|mpg|mileage|km|miles?)\b",
+    re.IGNORECASE,
+)
+UNNAMED_MARGIN = 0.15
 _LATIN_LETTER = re.compile(r"[A-Za-zÀ-ÖØ-öø-ÿ]")
 _ANY_LETTER = re.compile(r"[^\W\d_]")
 
@@ -60,10 +70,14 @@ class Candidate:
 
 
 def scope_refusal(question: str, relevance: float, min_relevance: float) -> str | None:
-    """SCOPE_REPLY when the question is not one the knowledge base can support, else None."""
-    if _INJECTION.search(question) or is_foreign(question) or relevance < min_relevance:
+    """SCOPE_REPLY when the question is not one the knowledge base can support, else None.
+
+    A question naming nothing of the domain ("the weather in Berlin") needs a closer fact: a
+    word such as "cold" alone makes MiniLM find the cold-weather fuel fact."""
+    if _INJECTION.search(question) or is_foreign(question):
         return SCOPE_REPLY
-    return None
+    needed = min_relevance if _DOMAIN.search(question) else min_relevance + UNNAMED_MARGIN
+    return SCOPE_REPLY if relevance < needed else None
 
 
 def is_foreign(text: str) -> bool:
@@ -117,13 +131,9 @@ def compose(
 def _distinct(candidates: list[Candidate], shown: list[Candidate]) -> list[Candidate]:
     """Candidates with no sentence already shown, and none twice."""
     kept: list[Candidate] = []
-    seen = {_key(sentence) for c in shown for sentence in split_sentences(c.text)}
     for candidate in candidates:
-        keys = {_key(sentence) for sentence in split_sentences(candidate.text)}
-        if keys & seen:
-            continue
-        seen |= keys
-        kept.append(candidate)
+        if first_repeat(" ".join(c.text for c in [*shown, *kept, candidate])) is None:
+            kept.append(candidate)
     return kept
 
 

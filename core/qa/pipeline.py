@@ -17,6 +17,8 @@ from core.qa.vision import VisionTagger, VisualEvidence, car_line, not_a_car_rep
 from core.worker import AnswerResult, JobView, check_question
 
 FACTS_PER_ANSWER = 3
+# A follow-up reads fewer new facts: its conversation already holds the first turn's.
+FACTS_PER_FOLLOW_UP = 2
 # Calibrated in bench/qa.py on bench/data/qa_eval.json (see bench/results/qa-cpu.txt):
 # below this cosine to the nearest fact a question is out of scope,
 MIN_RELEVANCE = 0.30
@@ -24,8 +26,8 @@ MIN_RELEVANCE = 0.30
 MIN_SIMILARITY = 0.60
 # and a candidate's rank is cos(question, sentence) + FACT_WEIGHT x its fact's retrieval score
 # + LM_WEIGHT x the model's standardised log-probability of it as the answer.
-FACT_WEIGHT = 0.5
-LM_WEIGHT = 0.05
+FACT_WEIGHT = 2.0
+LM_WEIGHT = 0.1
 Progress = Callable[[str], None]
 
 
@@ -113,7 +115,8 @@ class AnswerPipeline:
         if refusal is not None:
             return refused(refusal, evidence)
         say("Looking up the facts.")
-        facts = self.retrieve(context if history else question, evidence)
+        facts = self.retrieve(context if history else question, evidence,
+                              FACTS_PER_FOLLOW_UP if history else self.facts_per_answer)
         lap("retrieval")
         sources, record = fact_sources(facts), record_source(evidence)
         candidates = candidates_of(sources + ([record] if record else []))
@@ -125,7 +128,7 @@ class AnswerPipeline:
         lap("model")
         ranked = self.rank(question, candidates, facts, draft)
         lead = self.supported_sentences(draft.written, sources, record) or ranked[:1]
-        unsure = getattr(evidence, "verdict", "") == "unsure" and record is None
+        unsure = evidence is not None and not evidence.may_describe
         text, cited = compose(lead, ranked, record, unsure_photo=unsure)
         lap("compose")
         timings = {**timings, **draft.timings, "total_s": round(clock - started, 3)}
@@ -133,9 +136,11 @@ class AnswerPipeline:
                  for n, s in enumerate(cited, start=1)]  # fmt: skip
         return Answer(text, shown, timings, evidence, model_text=draft.written)
 
-    def retrieve(self, question: str, evidence: VisualEvidence | None) -> list[tuple[Fact, float]]:
+    def retrieve(
+        self, question: str, evidence: VisualEvidence | None, k: int | None = None
+    ) -> list[tuple[Fact, float]]:
         """The facts the answer is grounded on, best first."""
-        return self.kb.search(retrieval_query(question, evidence), self.facts_per_answer)
+        return self.kb.search(retrieval_query(question, evidence), k or self.facts_per_answer)
 
     def rank(
         self,
@@ -182,7 +187,6 @@ class AnswerPipeline:
         """The worker's answer function: the job's photo and question -> an AnswerResult."""
         answer = self.answer(
             job.load_image(), job.question, progress,
-            history=getattr(job, "history", ()),
-            conversation_id=getattr(job, "conversation_id", job.id),
+            history=job.history, conversation_id=job.conversation_id,
         )  # fmt: skip
         return AnswerResult(answer.text, answer.sources, answer.timings)

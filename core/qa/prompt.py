@@ -16,17 +16,25 @@ _SOURCES_LINE = re.compile(r"\n*Sources:.*\Z", re.S)
 
 
 def grounding_text(
-    question: str, evidence: VisualEvidence | None, facts: Sequence[tuple[Fact, float]]
+    question: str,
+    evidence: VisualEvidence | None,
+    facts: Sequence[tuple[Fact, float]],
+    given: str = "",
 ) -> str:
-    """The user turn: evidence, numbered facts (best first) with sources, then the question."""
+    """The user turn: evidence, numbered facts (best first), then the question.
+
+    `given`: what earlier turns already told the model; a fact stated there is named, not
+    repeated, and photo evidence is not repeated either (a follow-up prefills only what is new).
+    Where each fact comes from is shown to the asker, not the model: ~30 tokens a fact that
+    change no answer."""
     parts = []
-    if evidence is not None:
+    if evidence is not None and "Photo evidence:" not in given:
         parts.append("Photo evidence:\n" + evidence.summary())
-    # Where each fact comes from is shown to the asker, not the model: it costs ~30 tokens a
-    # fact and changes no answer.
     numbered = "\n".join(
-        f"[{n}] {fact.title}: {fact.text}" for n, (fact, _) in enumerate(facts, start=1)
-    )
+        f"[{n}] {fact.title} (as above)" if f"{fact.title}: {fact.text}" in given
+        else f"[{n}] {fact.title}: {fact.text}"
+        for n, (fact, _) in enumerate(facts, start=1)
+    )  # fmt: skip
     parts.append("Facts:\n" + (numbered or "(none found)"))
     parts.append(f"Question: {question}\nAnswer briefly and cite the facts you use, like [1].")
     return "\n\n".join(parts)
@@ -35,7 +43,8 @@ def grounding_text(
 def answer_body(answer: str) -> str:
     """An earlier answer as the model is reminded of it: its lead paragraph, which answered the
     question (its bullets and sources would only lengthen every later turn's prompt)."""
-    return _SOURCES_LINE.sub("", answer).strip().split("\n\n")[0]
+    lead = _SOURCES_LINE.sub("", answer).strip().split("\n\n")
+    return lead[1] if lead[0].startswith("I could not tell") and len(lead) > 1 else lead[0]
 
 
 def conversation_messages(
@@ -50,7 +59,7 @@ def conversation_messages(
     `earlier`: the messages the conversation's cached tokens encode (up to the last question);
     its last answer comes from `history`. Without them the turns are rebuilt from `history`.
     """
-    if earlier is not None and history:
+    if earlier is not None and history and _continues(earlier, history):
         messages = [*earlier, {"role": "assistant", "content": answer_body(history[-1][1])}]
     else:
         messages = [{"role": "system", "content": SYSTEM}]
@@ -59,7 +68,16 @@ def conversation_messages(
                 {"role": "user", "content": asked},
                 {"role": "assistant", "content": answer_body(answered)},
             ]
-    return [*messages, {"role": "user", "content": grounding_text(question, evidence, facts)}]
+    given = "\n".join(m["content"] for m in messages if m["role"] == "user")
+    turn = grounding_text(question, evidence, facts, given)
+    return [*messages, {"role": "user", "content": turn}]
+
+
+def _continues(earlier: list[dict], history: Sequence[tuple[str, str]]) -> bool:
+    """Do the cached messages hold exactly the turns before the last one (same branch)?"""
+    answers = [m["content"] for m in earlier if m["role"] == "assistant"]
+    asked = sum(m["role"] == "user" for m in earlier)
+    return asked == len(history) and answers == [answer_body(a) for _, a in history[:-1]]
 
 
 def history_text(history: Sequence[tuple[str, str]]) -> str:

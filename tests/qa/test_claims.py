@@ -1,12 +1,10 @@
 """The claim check: a sentence is shown only when one source states its numbers, names and
 sense."""
 
-import re
-
-import numpy as np
 import pytest
 
 from core.qa.claims import ClaimChecker, Source, quantities, split_sentences, strip_citations
+from tests.qa.conftest import bag_of_words
 
 EURO6_DIESEL = Source(
     "[1]",
@@ -23,15 +21,6 @@ LIGHTER = Source(
     title="Weight and CO2",
 )
 RECORD = Source("record", "Our library's record of this car: Peugeot 208, model year 2019.")
-
-
-def bag_of_words(texts):
-    """A stand-in for MiniLM: hashed word counts, unit length, deterministic."""
-    rows = np.zeros((len(texts), 256), dtype=np.float32)
-    for i, text in enumerate(texts):
-        for word in re.findall(r"[a-z0-9]+", text.lower()):
-            rows[i, hash(word) % 256] += 1
-    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-9)
 
 
 @pytest.fixture
