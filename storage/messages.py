@@ -13,18 +13,23 @@ def remember_message(
     session: Session, platform: str, channel_id: str, message_id: str, mosaic_id: int
 ) -> None:
     """Record that this message shows this mosaic; recording it again points it at the new one."""
-    existing = session.scalar(
-        select(MosaicMessage).where(
-            MosaicMessage.platform == platform,
-            MosaicMessage.channel_id == channel_id,
-            MosaicMessage.message_id == message_id,
-        )
-    )
+    existing = _message_row(session, MosaicMessage, platform, channel_id, message_id)
     if existing is None:
         session.add(MosaicMessage(platform=platform, channel_id=channel_id,
                                   message_id=message_id, mosaic_id=mosaic_id))
     else:
         existing.mosaic_id = mosaic_id
+
+
+def _message_row(session: Session, table, platform: str, channel_id: str, message_id: str):
+    """The row of `table` (MosaicMessage or AnswerMessage) for this chat message, or None."""
+    return session.scalar(
+        select(table).where(
+            table.platform == platform,
+            table.channel_id == channel_id,
+            table.message_id == message_id,
+        )
+    )
 
 
 def mosaic_for_message(
@@ -48,13 +53,7 @@ def remember_answer(
 ) -> None:
     """Record that this message shows this job's answer; recording it again points it at the new
     job (a Slack thread shows its latest answer)."""
-    existing = session.scalar(
-        select(AnswerMessage).where(
-            AnswerMessage.platform == platform,
-            AnswerMessage.channel_id == channel_id,
-            AnswerMessage.message_id == message_id,
-        )
-    )
+    existing = _message_row(session, AnswerMessage, platform, channel_id, message_id)
     if existing is None:
         session.add(AnswerMessage(platform=platform, channel_id=channel_id,
                                   message_id=message_id, job_id=job_id))

@@ -257,9 +257,13 @@ async def test_a_follow_up_answer_shows_below_the_first_in_the_browser(
             )
             page = await browser.new_page(viewport={"width": 1200, "height": 800})
             await page.goto(f"{asking_gallery}/m/{mosaic.id}")
-            await page.wait_for_function("document.getElementById('mosaic').naturalWidth > 0")
             image = page.locator("#mosaic")
-            box = await image.bounding_box()
+            # Polled through the protocol: a string predicate is eval, which the page's CSP bars.
+            for _ in range(200):
+                box = await image.bounding_box()
+                if box and box["height"] > 50:
+                    break
+                await asyncio.sleep(0.05)
             await image.click(position={"x": box["width"] / mosaic.cols * 2.5,
                                         "y": box["height"] / mosaic.rows * 1.5})
             await page.fill("#question", "What pollutes?")
