@@ -139,8 +139,19 @@ class AnswerPipeline:
     def retrieve(
         self, question: str, evidence: VisualEvidence | None, k: int | None = None
     ) -> list[tuple[Fact, float]]:
-        """The facts the answer is grounded on, best first."""
-        return self.kb.search(retrieval_query(question, evidence), k or self.facts_per_answer)
+        """The facts the answer is grounded on, best first: those closest to the question, with
+        the best fact for the matched car's fuel and standard in place of the last one when it
+        scores higher (so "does it meet the limits?" finds its standard, while "which parts
+        pollute?" still gets facts about parts rather than a list of limits)."""
+        k = k or self.facts_per_answer
+        facts = self.kb.search(question, k)
+        query = retrieval_query(question, evidence)
+        if query == question or not facts:
+            return facts
+        best, score = self.kb.search(query, 1)[0]
+        if all(best.id != fact.id for fact, _ in facts) and score > facts[-1][1]:
+            facts = [*facts[:-1], (best, score)]
+        return facts
 
     def rank(
         self,
