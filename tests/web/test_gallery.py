@@ -20,6 +20,14 @@ from tests.bot.conftest import car_at
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Without the background-networking flags Chromium keeps dialling out on a closed network.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+
+
+async def launch_chromium(pw):
+    """Debian's headless Chromium, as every browser test here starts it."""
+    return await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
 
 def _jpeg(rgb: tuple[int, int, int], seed: int) -> bytes:
@@ -115,11 +123,7 @@ async def test_clicking_a_tile_shows_its_car_in_the_browser(ctx, gallery, mosaic
     from playwright.async_api import async_playwright
 
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
-        )
+        browser = await launch_chromium(pw)
         page = await browser.new_page(viewport={"width": 1200, "height": 800})
         await page.goto(f"{gallery}/m/{mosaic.id}")
         image = page.locator("#mosaic")
@@ -250,11 +254,7 @@ async def test_a_follow_up_answer_shows_below_the_first_in_the_browser(
     working = asyncio.create_task(Worker(ctx, answers, poll_s=0.05).run_forever())
     try:
         async with async_playwright() as pw:
-            browser = await pw.chromium.launch(
-                executable_path=CHROMIUM,
-                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                      "--disable-component-update", "--disable-sync", "--no-first-run"],
-            )
+            browser = await launch_chromium(pw)
             page = await browser.new_page(viewport={"width": 1200, "height": 800})
             await page.goto(f"{asking_gallery}/m/{mosaic.id}")
             image = page.locator("#mosaic")
