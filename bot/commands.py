@@ -5,6 +5,8 @@ A UserError becomes one ephemeral sentence; nothing else the user did shows a tr
 """
 
 import asyncio
+import logging
+import random
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -14,7 +16,7 @@ from typing import Protocol, TypeVar
 
 from core.context import AppContext
 from core.errors import BadImage, UnknownMosaic, UserError
-from core.gallery import TileLookup, find_mosaic, list_mosaics, tile_lookup
+from core.gallery import TileLookup, find_mosaic, list_mosaics, mosaic_by_id, tile_lookup
 from core.images import decode_image, image_content_type, jpeg_within
 from core.mosaic import MosaicOptions, build_mosaic, format_coordinate, preview_image
 from core.worker import FINAL_EVENTS, JobQueue
@@ -39,6 +41,7 @@ NOT_AN_IMAGE = "That file is not an image: send a JPEG, PNG or WebP photo."
 NO_PHOTO = "Please send a photo of a car with your question."
 EXTENSIONS = {"image/png": "png", "image/webp": "webp", "image/gif": "gif"}
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class CoolingDown(UserError):
@@ -50,13 +53,20 @@ class Reply:
     """What a command answers: the adapter posts text and files, privately when ephemeral.
 
     mosaic_id is set when the reply shows a mosaic (the adapter remembers the message it posts);
-    job_id when a question was queued (the adapter follows the job's status)."""
+    job_id when a question was queued (the adapter follows the job's status); tile, as
+    (mosaic id, "C7"), when it shows the car behind a tile (the adapter offers to ask about it)."""
 
     text: str
     files: list[tuple[str, bytes]] = field(default_factory=list)
     ephemeral: bool = False
     mosaic_id: int | None = None
     job_id: int | None = None
+    tile: tuple[int, str] | None = None
+
+
+# A build's progress as one sentence, e.g. "Building owl: matching cells to car photos, 50%."
+BuildProgress = Callable[[str], Awaitable[None]]
+BUILD_STAGES = {"matching": "matching cells to car photos", "placing": "placing the tiles"}
 
 
 def error_reply(error: UserError) -> Reply:
@@ -109,17 +119,24 @@ class Commands:
             return await asyncio.to_thread(function, *args)
 
     async def build(
-        self, scope: str, user: str, target: bytes, name: str, columns: int | None, max_bytes: int
+        self, scope: str, user: str, target: bytes, name: str, columns: int | None, max_bytes: int,
+        progress: BuildProgress | None = None,
     ) -> Reply:
+        """Build a mosaic; `progress(sentence)` hears each stage as it goes (a quarter at a time,
+        since chat edits are rate-limited), from the loop, in order, before this returns."""
         try:
             self.cooldowns.check(user, "build")
             options = MosaicOptions(cols=columns) if columns else MosaicOptions()
+            relay = _ProgressRelay(asyncio.get_running_loop(), " ".join(name.split()), progress)
             # Not _off_loop: a build would hold one of the look-ups' thread slots for seconds.
-            async with self._builds:
-                mosaic = await asyncio.to_thread(
-                    build_mosaic, self.ctx, target, name, scope=scope, created_by=user,
-                    options=options,
-                )
+            try:
+                async with self._builds:
+                    mosaic = await asyncio.to_thread(
+                        build_mosaic, self.ctx, target, name, scope=scope, created_by=user,
+                        options=options, progress=relay if progress else None,
+                    )
+            finally:
+                await relay.close()
             return await self._showing(mosaic, max_bytes, built=True)
         except UserError as error:
             return error_reply(error)
@@ -157,6 +174,34 @@ class Commands:
         except UserError as error:
             return error_reply(error)
         return None if shown is None else await _tile_reply(*shown, max_bytes)
+
+    async def random_tile_for_message(
+        self, platform: str, channel_id: str, message_id: str, max_bytes: int,
+        rng: random.Random | None = None,
+    ) -> Reply | None:
+        """A tile chosen at random from the mosaic that message shows (None if it shows none)."""
+        shown = await self._off_loop(self._mosaic_shown, platform, channel_id, message_id)
+        if shown is None:
+            return None
+        rng = rng or random.Random()
+        label = format_coordinate(rng.randrange(shown.rows), rng.randrange(shown.cols))
+        return await self.tile_for_message(platform, channel_id, message_id, label, max_bytes)
+
+    async def ask_about_tile(
+        self, platform: str, user: str, reply_to: dict, mosaic_id: int, coordinate: str,
+        question: str,
+    ) -> Reply:
+        """Queue a question about the car photo behind a tile ("Ask about this car")."""
+        try:
+            found = await self._off_loop(self._lookup_by_id, mosaic_id, coordinate)
+        except UserError as error:
+            return error_reply(error)
+        return await self.ask(platform, user, reply_to, found.image_bytes, question)
+
+    def gallery_url(self, mosaic_id: int) -> str | None:
+        """The mosaic's page in the web gallery, when GALLERY_PUBLIC_URL says where it is."""
+        base = self.ctx.settings.gallery_public_url
+        return f"{base.rstrip('/')}/m/{mosaic_id}" if base else None
 
     async def ask(
         self,
@@ -236,6 +281,13 @@ class Commands:
             mosaic = mosaic_for_message(session, platform, channel_id, message_id)
         return None if mosaic is None else (mosaic, tile_lookup(self.ctx, mosaic, coordinate))
 
+    def _mosaic_shown(self, platform: str, channel_id: str, message_id: str) -> Mosaic | None:
+        with self.ctx.db.session() as session:
+            return mosaic_for_message(session, platform, channel_id, message_id)
+
+    def _lookup_by_id(self, mosaic_id: int, coordinate: str) -> TileLookup:
+        return tile_lookup(self.ctx, mosaic_by_id(self.ctx, mosaic_id), coordinate)
+
     def _remember(self, platform: str, channel_id: str, message_id: str, mosaic_id: int) -> None:
         with self.ctx.db.session() as session:
             remember_message(session, platform, channel_id, message_id, mosaic_id)
@@ -281,7 +333,52 @@ async def _tile_reply(mosaic: Mosaic, found: TileLookup, max_bytes: int) -> Repl
     if found.note:
         text += " " + found.note
     name = f"{_file_stem(mosaic.name)}-{found.label}.{EXTENSIONS.get(content_type, 'jpg')}"
-    return Reply(text, files=[(name, image)])
+    return Reply(text, files=[(name, image)], tile=(mosaic.id, found.label))
+
+
+class _ProgressRelay:
+    """build_mosaic's progress(stage, done, total), called in the build's thread, relayed to
+    an async `progress(sentence)` on the loop: one sentence per stage quarter, in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, name: str,
+                 progress: BuildProgress | None):
+        self.loop = loop
+        self.name = name
+        self.progress = progress
+        self._last: tuple[str, int] | None = None
+        self._sentences: asyncio.Queue[str | None] = asyncio.Queue()
+        self._delivery = loop.create_task(self._deliver()) if progress else None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        quarter = min(4, 4 * done // max(total, 1))
+        if (stage, quarter) == self._last:
+            return
+        self._last = (stage, quarter)
+        text = f"Building {self.name}: {BUILD_STAGES.get(stage, stage)}, {25 * quarter}%."
+        if stage == "placing" and quarter == 4:
+            text = f"Building {self.name}: rendering the mosaic."
+        self.loop.call_soon_threadsafe(self._sentences.put_nowait, text)
+
+    async def _deliver(self) -> None:
+        while (text := await self._sentences.get()) is not None:
+            # Only the newest sentence matters when the chat is slower than the build.
+            while not self._sentences.empty():
+                newer = self._sentences.get_nowait()
+                if newer is None:
+                    self._sentences.put_nowait(None)
+                    break
+                text = newer
+            try:
+                await self.progress(text)
+            except Exception:
+                # A progress line that cannot be shown must not fail the build it reports on.
+                log.exception("build progress not shown")
+
+    async def close(self) -> None:
+        if self._delivery is None:
+            return
+        self._sentences.put_nowait(None)
+        await self._delivery
 
 
 def _file_stem(name: str) -> str:

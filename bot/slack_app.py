@@ -6,12 +6,15 @@ Listeners ack() first (Slack wants it within 3 s), then do the work. A mosaic is
 message with its preview uploaded into that message's thread, where tile replies go.
 """
 
+import ipaddress
 import logging
 import re
+from collections.abc import Iterable
 
 import aiohttp
 from slack_bolt.async_app import AsyncApp, AsyncBoltContext
 from slack_sdk.web.async_client import AsyncWebClient
+from yarl import URL
 
 from bot.commands import (
     NOT_AN_IMAGE,
@@ -37,6 +40,9 @@ USAGE = (
 MENTION = re.compile(r"<@[A-Z0-9]+>")
 # How far back /mosaic build looks for the user's last image.
 HISTORY_LIMIT = 50
+MAX_REDIRECTS = 3
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+CHUNK_BYTES = 256 * 1024
 
 
 def scope_of(team_id: str | None) -> str:
@@ -46,12 +52,19 @@ def scope_of(team_id: str | None) -> str:
 class SlackFiles:
     """Downloads `url_private` files with the bot token, and only if Slack says it is an image.
 
+    The token goes only to Slack's file hosts (`file_hosts`, over HTTPS; plain HTTP only on
+    this machine, for stand-ins). Redirects are followed by hand: each hop's host is checked
+    again, and a hop to any other host (a pre-signed link) goes without the token. The body is
+    read to its end in chunks and refused once it passes `max_bytes`.
+
     Slack answers a request it cannot authorise with its HTML sign-in page and status 200, so
     the content type is what tells a photo from a page."""
 
-    def __init__(self, bot_token: str, max_bytes: int):
+    def __init__(self, bot_token: str, max_bytes: int,
+                 file_hosts: Iterable[str] = ("files.slack.com",)):
         self._headers = {"Authorization": f"Bearer {bot_token}"}
         self.max_bytes = max_bytes
+        self.file_hosts = frozenset(host.lower() for host in file_hosts)
         self._session: aiohttp.ClientSession | None = None
 
     async def download(self, file: dict) -> bytes:
@@ -59,23 +72,62 @@ class SlackFiles:
         url = file.get("url_private_download") or file.get("url_private")
         if not url:
             raise BadImage("That file has no download link; please share it again.")
+        if not self._may_send_token(URL(url)):
+            raise BadImage("That file is not stored by Slack, so it was not downloaded.")
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
         try:
-            async with self._session.get(url, headers=self._headers) as response:
-                content_type = response.headers.get("Content-Type", "")
-                if response.status != 200 or not content_type.lower().startswith("image/"):
-                    raise BadImage("That file could not be downloaded as an image; "
-                                   "please share a JPEG, PNG or WebP photo.")
-                data = await response.content.read(self.max_bytes + 1)
-        except (aiohttp.ClientError, TimeoutError) as error:
+            data, content_type = await self._get(URL(url))
+        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
             raise BadImage("That file could not be downloaded; please share it again.") from error
         check_attachment(content_type, len(data), self.max_bytes)
         return data
 
+    def _may_send_token(self, url: URL) -> bool:
+        host = (url.host or "").lower()
+        if host not in self.file_hosts:
+            return False
+        return url.scheme == "https" or (url.scheme == "http" and _is_loopback(host))
+
+    async def _get(self, url: URL) -> tuple[bytes, str]:
+        for _hop in range(MAX_REDIRECTS + 1):
+            headers = self._headers if self._may_send_token(url) else {}
+            async with self._session.get(url, headers=headers, allow_redirects=False) as response:
+                if response.status in REDIRECTS and "Location" in response.headers:
+                    url = url.join(URL(response.headers["Location"]))
+                    continue
+                content_type = response.headers.get("Content-Type", "")
+                if response.status != 200 or not content_type.lower().startswith("image/"):
+                    raise BadImage("That file could not be downloaded as an image; "
+                                   "please share a JPEG, PNG or WebP photo.")
+                if (response.content_length or 0) > self.max_bytes:
+                    raise BadImage(_too_large(self.max_bytes))
+                return await self._read_capped(response), content_type
+        raise BadImage("That file could not be downloaded (too many redirects); "
+                       "please share it again.")
+
+    async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
+        body = bytearray()
+        async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+            body += chunk
+            if len(body) > self.max_bytes:
+                raise BadImage(_too_large(self.max_bytes))
+        return bytes(body)
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def _too_large(max_bytes: int) -> str:
+    return f"That image is over the {max_bytes // (1024 * 1024)} MiB upload limit."
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def make_slack_app(
@@ -93,7 +145,8 @@ def make_slack_app(
         signing_secret=signing_secret or "",
         request_verification_enabled=bool(signing_secret),
     )
-    files = files or SlackFiles(client.token, settings.max_upload_bytes)
+    files = files or SlackFiles(client.token, settings.max_upload_bytes,
+                                settings.slack_file_hosts)
     max_bytes = settings.preview_max_bytes
 
     async def post(channel: str, user: str, reply: Reply, thread_ts: str | None = None) -> None:

@@ -39,11 +39,18 @@ class Settings(BaseSettings):
     slack_signing_secret: SecretStr | None = None
     slack_host: str = "127.0.0.1"
     slack_port: int = 3000
+    # The Web API, and the only hosts the bot token is sent to for `url_private` downloads
+    # (GovSlack: https://slack-gov.com/api/ and files.slack-gov.com).
+    slack_api_url: str = "https://slack.com/api/"
+    slack_file_hosts: list[str] = ["files.slack.com"]
     cooldown_s: float = 5.0
 
     # Web gallery: loopback only unless changed on purpose.
     gallery_host: str = "127.0.0.1"
     gallery_port: int = 8080
+    # Where people reach the gallery (behind a proxy), e.g. https://mosaics.example.org: chat
+    # messages then link each mosaic's page. Empty: no link.
+    gallery_public_url: str | None = None
 
     # Q&A jobs and answering.
     qa_backend: Literal["embedded", "vlm"] = "embedded"
@@ -58,6 +65,9 @@ class Settings(BaseSettings):
     queue_max_pending: int = 50
     queue_per_user: int = 2
     job_timeout_s: float = 120.0
+    # On SIGTERM/SIGINT the running answer gets this long to finish; then it is handed back to
+    # the queue (another worker, or the next start, takes it up).
+    shutdown_grace_s: float = 10.0
 
     attention: PrBlockConfig = PrBlockConfig()
     kv_cache: SAQConfig = SAQConfig()

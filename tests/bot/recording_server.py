@@ -19,13 +19,14 @@ class RecordingServer:
     def add_routes(self, app: web.Application) -> None:
         raise NotImplementedError
 
-    async def start(self) -> Self:
+    async def start(self, host: str = "127.0.0.1") -> Self:
+        """Listen on `host` (any 127.x.y.z is this machine: a second one is "another host")."""
         app = web.Application(client_max_size=64 * 1024 * 1024)
         self.add_routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        await web.TCPSite(self._runner, host, 0).start()
+        self.base_url = f"http://{host}:{self._runner.addresses[0][1]}"
         return self
 
     async def stop(self) -> None:

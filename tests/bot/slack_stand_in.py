@@ -44,6 +44,8 @@ class SlackStandIn(RecordingServer):
         super().__init__()
         self.calls: list[Call] = []
         self.files: dict[str, tuple[bytes, str]] = {}
+        self.chunked: set[str] = set()
+        self.redirects: dict[str, str] = {}
         self.history: list[dict] = []
         self._uploads = itertools.count(1)
 
@@ -52,9 +54,13 @@ class SlackStandIn(RecordingServer):
         app.router.add_post("/upload/{file_id}", self._upload)
         app.router.add_route("*", "/api/{method}", self._api)
 
-    def serve_file(self, name: str, data: bytes, content_type: str, mimetype: str = "") -> dict:
-        """Serve bytes at a url_private; returns the Slack file object pointing at it."""
+    def serve_file(self, name: str, data: bytes, content_type: str, mimetype: str = "",
+                   chunked: bool = False) -> dict:
+        """Serve bytes at a url_private (with a Content-Length, or chunked as a stream in 64 KiB
+        writes); returns the Slack file object pointing at it."""
         self.files[name] = (data, content_type)
+        if chunked:
+            self.chunked.add(name)
         return {"id": f"F{name}", "name": name, "mimetype": mimetype or content_type,
                 "size": len(data), "url_private": f"{self.base_url}/files/{name}"}
 
@@ -71,12 +77,27 @@ class SlackStandIn(RecordingServer):
                 pairs.append((complete, raw[entry["id"]]))
         return pairs
 
-    async def _file(self, request: web.Request) -> web.Response:
+    def redirect_file(self, name: str, location: str) -> None:
+        """Answer GET /files/NAME with a 302 to `location` (which may be another host)."""
+        self.redirects[name] = location
+
+    async def _file(self, request: web.Request) -> web.StreamResponse:
         self._record(Call(f"GET {request.path}", {}, dict(request.headers)))
-        data, content_type = self.files[request.match_info["name"]]
+        name = request.match_info["name"]
+        if name in self.redirects:
+            raise web.HTTPFound(self.redirects[name])
+        data, content_type = self.files[name]
         if request.headers.get("Authorization") != f"Bearer {BOT_TOKEN}":
             return web.Response(text="<html>sign in</html>", content_type="text/html")
-        return web.Response(body=data, headers={"Content-Type": content_type})
+        if name not in self.chunked:
+            return web.Response(body=data, headers={"Content-Type": content_type})
+        response = web.StreamResponse(headers={"Content-Type": content_type})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for start in range(0, len(data), 64 * 1024):
+            await response.write(data[start:start + 64 * 1024])
+        await response.write_eof()
+        return response
 
     async def _upload(self, request: web.Request) -> web.Response:
         body = await request.read()

@@ -38,7 +38,7 @@ async def stand_in():
 @pytest.fixture
 async def app(stand_in, commands, updates, ctx):
     client = AsyncWebClient(token=BOT_TOKEN, base_url=f"{stand_in.base_url}/api/")
-    files = SlackFiles(BOT_TOKEN, ctx.settings.max_upload_bytes)
+    files = SlackFiles(BOT_TOKEN, ctx.settings.max_upload_bytes, file_hosts=["127.0.0.1"])
     yield make_slack_app(commands, updates, client=client, signing_secret=SIGNING_SECRET,
                          files=files)
     await files.close()
