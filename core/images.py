@@ -171,13 +171,43 @@ def image_content_type(data: bytes) -> str:
     return "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
 
 
-def jpeg_within(data: bytes, max_bytes: int) -> bytes:
-    """A stored image re-encoded as a JPEG of at most max_bytes (a chat's upload limit), halving
-    its size until it fits; a 16 px image is the floor, returned even if still too large."""
+def sniffed_image_type(head: bytes) -> str | None:
+    """The image content type that the first bytes of a file announce (its magic number), or
+    None: what a chat attachment really is, whatever content type its upload claimed."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    if head[:2] == b"BM":
+        return "image/bmp"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "image/tiff"
+    return None
+
+
+# Bytes a file needs before sniffed_image_type can tell (WebP's mark ends at byte 12).
+SNIFF_BYTES = 12
+
+
+def _open_upright(data: bytes) -> Image.Image:
+    """A stored image, turned as its EXIF orientation says: re-encoding drops the EXIF, so a
+    photo not turned first would show sideways."""
     try:
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-    except OSError as error:
+        image = Image.open(io.BytesIO(data))
+        return ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError) as error:
         raise BadImage("That picture could not be read.") from error
+
+
+def jpeg_within(data: bytes, max_bytes: int) -> bytes:
+    """A stored image re-encoded as an upright JPEG of at most max_bytes (a chat's upload
+    limit), halving its size until it fits; a 16 px image is the floor, returned even if still
+    too large."""
+    image = _open_upright(data).convert("RGB")
     while True:
         encoded = encode_jpeg(image, quality=85)
         if len(encoded) <= max_bytes or min(image.size) <= 16:
@@ -186,8 +216,8 @@ def jpeg_within(data: bytes, max_bytes: int) -> bytes:
 
 
 def jpeg_at_width(data: bytes, width: int) -> bytes:
-    """A stored image as a JPEG no wider than `width` (aspect kept, never enlarged)."""
-    image = Image.open(io.BytesIO(data))
+    """A stored image as an upright JPEG no wider than `width` (aspect kept, never enlarged)."""
+    image = _open_upright(data)
     if image.width > width:
         image = image.convert("RGB").resize(
             (width, round(image.height * width / image.width)), Image.Resampling.LANCZOS

@@ -8,12 +8,14 @@ from PIL import Image
 
 from core.errors import BadImage
 from core.images import (
+    SNIFF_BYTES,
     decode_image,
     jpeg_at_width,
     jpeg_within,
     lab_grid,
     lab_to_rgb,
     rgb_to_lab,
+    sniffed_image_type,
     square_thumbnail,
 )
 from tests.library.conftest import png_header_only
@@ -135,3 +137,57 @@ def test_jpeg_within_halves_until_it_fits():
 def test_jpeg_at_width_scales_down_and_keeps_the_aspect():
     scaled = Image.open(io.BytesIO(jpeg_at_width(encode(Image.new("RGB", (400, 200))), 100)))
     assert (scaled.format, scaled.size) == ("JPEG", (100, 50))
+
+
+def sideways_jpeg(photo: bytes) -> tuple[bytes, Image.Image]:
+    """A real photo stored turned a quarter, with EXIF orientation 6 saying so (as phones do);
+    returns the bytes and the picture as it should be seen."""
+    upright = Image.open(io.BytesIO(photo)).convert("RGB")
+    upright.paste((255, 0, 0), (0, 0, 12, 12))  # a mark in the top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to view"
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    return encode(stored, "JPEG", quality=95, exif=exif), upright
+
+
+def top_left_is_red(image: Image.Image) -> bool:
+    red, green, blue = image.convert("RGB").resize((image.width // 4, image.height // 4)).getpixel(
+        (0, 0)
+    )
+    return red > 180 and green < 90 and blue < 90
+
+
+def test_jpeg_within_keeps_a_photo_upright_per_its_exif_orientation(vehicle_photos):
+    data, upright = sideways_jpeg(vehicle_photos[0].read_bytes())
+    shrunk = Image.open(io.BytesIO(jpeg_within(data, len(data) // 3)))
+    assert shrunk.width / shrunk.height == pytest.approx(upright.width / upright.height, 0.05)
+    assert top_left_is_red(shrunk)
+    assert shrunk.getexif().get(0x0112) in (None, 1)  # nothing left to turn it again
+
+
+def test_jpeg_at_width_keeps_a_photo_upright_per_its_exif_orientation(vehicle_photos):
+    data, upright = sideways_jpeg(vehicle_photos[0].read_bytes())
+    scaled = Image.open(io.BytesIO(jpeg_at_width(data, upright.width // 2)))
+    assert scaled.width == upright.width // 2
+    assert top_left_is_red(scaled)
+
+
+def test_jpeg_within_refuses_bytes_that_are_not_a_picture_in_one_sentence():
+    with pytest.raises(BadImage, match=r"^That picture could not be read\.$"):
+        jpeg_within(b"<svg xmlns='http://www.w3.org/2000/svg'/>", 1000)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "kind"),
+    [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("GIF", "image/gif"), ("WEBP", "image/webp"),
+     ("BMP", "image/bmp"), ("TIFF", "image/tiff")],
+)
+def test_sniffed_image_type_reads_the_magic_number(fmt, kind):
+    assert sniffed_image_type(encode(Image.new("RGB", (8, 8)), fmt)[:SNIFF_BYTES]) == kind
+
+
+@pytest.mark.parametrize(
+    "head", [b"%PDF-1.7 ", b"<svg xmlns=", b"PK\x03\x04zip", b"", b"RIFFxxxxWAVE"]
+)
+def test_sniffed_image_type_refuses_what_is_not_an_image(head):
+    assert sniffed_image_type(head) is None
