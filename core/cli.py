@@ -6,6 +6,7 @@ A handler takes (ctx, args), prints, and returns the exit status; user errors pr
 import argparse
 import io
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from core.demo import describe_car, run_demo
 from core.errors import UserError
 from core.gallery import find_mosaic, list_mosaics, render_bytes, tile_lookup
 from core.images import decode_image
-from core.library import car_info, ingest_paths, library_stats, list_library
+from core.library import IMAGE_SUFFIXES, car_info, ingest_paths, library_stats, list_library
 from core.mosaic import (
     MosaicOptions,
     build_mosaic,
@@ -93,12 +94,35 @@ def library_add(ctx: AppContext, args: argparse.Namespace) -> int:
         print(f"labels: {problem}")
     for path, reason in report.failed:
         print(f"skipped {path}: {reason}")
+    if report.not_photos:
+        print(_not_photos_sentence(report.not_photos))
     relabelled = f" ({report.labels_updated} relabelled)" if report.labels_updated else ""
     print(
         f"Added {report.added} photos, {report.skipped_duplicates} already in the library"
         f"{relabelled}, {len(report.failed)} unreadable ({report.seconds:.1f} s)."
     )
-    return 0
+    if report.added or report.skipped_duplicates or report.labels_updated:
+        return 0
+    if report.failed:
+        print(f"error: none of the {len(report.failed)} photos in {args.directory} could be "
+              "added.", file=sys.stderr)
+    else:
+        print(f"error: {args.directory} holds no photos "
+              f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))}).", file=sys.stderr)
+    return 1
+
+
+def _not_photos_sentence(paths: list[str]) -> str:
+    """One sentence counting the files left out because their suffix is not a photo's."""
+    by_suffix = Counter(Path(path).suffix.lower() or "no suffix" for path in paths)
+    kinds = ", ".join(f"{count} {suffix}" for suffix, count in by_suffix.most_common())
+    hint = ""
+    if ".svg" in by_suffix:
+        hint = " (an SVG is a drawing, not a photo: export it as PNG to add it)"
+    files = f"{len(paths)} files that are not photos"
+    if len(paths) == 1:
+        files = "1 file that is not a photo"
+    return f"Left out {files}: {kinds}{hint}."
 
 
 def library_list(ctx: AppContext, args: argparse.Namespace) -> int:
@@ -193,18 +217,30 @@ def mosaic_build(ctx: AppContext, args: argparse.Namespace) -> int:
         cols=args.cols, tile_px=args.tile, max_uses=args.max_uses, spacing=args.spacing,
         blend=args.blend, shift=args.shift, adapt=args.adapt, seed=args.seed,
     )
+    for path in (args.out, args.preview):
+        # Found out before minutes of building, not after.
+        if path is not None and not path.parent.is_dir():
+            print(f"error: cannot write {path}: the folder {path.parent} does not exist.",
+                  file=sys.stderr)
+            return 1
     mosaic = build_mosaic(ctx, args.target.read_bytes(), args.name, options=options,
                           progress=console_progress())
     stats = mosaic.settings["stats"]
     print(f'Built "{mosaic.name}": {mosaic.cols} x {mosaic.rows} tiles from '
           f"{stats['distinct_photos']} of {stats['library_photos']} photos "
           f"in {stats['build_s']:.2f} s.")
-    if args.out:
-        _write_render(ctx, mosaic, args.out)
-        print(f"Render: {args.out}")
-    if args.preview:
-        args.preview.write_bytes(preview_image(ctx, mosaic))
-        print(f"Preview: {args.preview}")
+    try:
+        if args.out:
+            _write_render(ctx, mosaic, args.out)
+            print(f"Render: {args.out}")
+        if args.preview:
+            args.preview.write_bytes(preview_image(ctx, mosaic))
+            print(f"Preview: {args.preview}")
+    except OSError as error:
+        print(f'error: the mosaic "{mosaic.name}" is saved (its render is '
+              f"{ctx.media.path(mosaic.render_media_key)}), but {error.filename} could not be "
+              f"written: {error.strerror or error}.", file=sys.stderr)
+        return 1
     return 0
 
 

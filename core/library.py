@@ -42,6 +42,8 @@ class IngestReport:
     skipped_duplicates: int = 0
     labels_updated: int = 0  # photos already in the library whose labels changed
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    # Files under the directory that are not photos by their suffix (e.g. .svg drawings).
+    not_photos: list[str] = field(default_factory=list)
     label_problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -150,18 +152,24 @@ def prepare_photo(data: bytes, media: MediaStore, max_pixels: int, max_bytes: in
 def find_photos(paths_or_dir: Path | str | Iterable[Path | str]) -> list[Path]:
     """A directory -> its image files (recursively, by suffix, hidden ones left out, sorted);
     a list of files -> those files as given."""
+    return _find_files(paths_or_dir)[0]
+
+
+def _find_files(paths_or_dir: Path | str | Iterable[Path | str]) -> tuple[list[Path], list[Path]]:
+    """(photos, other files): a directory's visible files split by suffix, each list sorted; a
+    file or a list of files are all taken as photos."""
     if isinstance(paths_or_dir, str | os.PathLike):
         root = Path(paths_or_dir)
         if not root.is_dir():
-            return [root]
-        return sorted(
-            path
-            for path in root.rglob("*")
-            if path.suffix.lower() in IMAGE_SUFFIXES
-            and not any(part.startswith(".") for part in path.relative_to(root).parts)
-            and path.is_file()
-        )
-    return [Path(path) for path in paths_or_dir]
+            return [root], []
+        photos, others = [], []
+        for path in sorted(root.rglob("*")):
+            if any(part.startswith(".") for part in path.relative_to(root).parts):
+                continue
+            if path.is_file():
+                (photos if path.suffix.lower() in IMAGE_SUFFIXES else others).append(path)
+        return photos, others
+    return [Path(path) for path in paths_or_dir], []
 
 
 def _read(path: Path, max_bytes: int) -> tuple[bytes | None, str | None, str | None]:
@@ -197,14 +205,16 @@ def ingest_paths(
 
     Known hashes are skipped before decoding, so a second run adds nothing and an interrupted
     run resumes where it stopped (each batch commits on its own). Unreadable files land in
-    `report.failed` with the reason; they never stop the others.
+    `report.failed` with the reason; they never stop the others. Files of a directory that are
+    not photos by their suffix are listed in `report.not_photos`.
     """
     started = time.perf_counter()
     report = IngestReport()
     labels: dict[str, dict] = {}
     if labels_csv is not None:
         labels, report.label_problems = read_labels(Path(labels_csv))
-    paths = find_photos(paths_or_dir)
+    paths, others = _find_files(paths_or_dir)
+    report.not_photos = [str(path) for path in others]
     seen: set[str] = set()
     bar = tqdm(
         total=len(paths),
