@@ -20,6 +20,7 @@ from core.gallery import TileLookup, find_mosaic, list_mosaics, mosaic_by_id, ti
 from core.images import decode_image, image_content_type, jpeg_within
 from core.mosaic import MosaicOptions, build_mosaic, format_coordinate, preview_image
 from core.worker import FINAL_EVENTS, JobQueue
+from storage import jobs as job_rows
 from storage.messages import (
     job_for_answer_message,
     mosaic_for_message,
@@ -40,6 +41,10 @@ SORRY = "Something went wrong on our side; please try again later."
 NOT_AN_IMAGE = "That file is not an image: send a JPEG, PNG or WebP photo."
 NO_PHOTO = "Please send a photo of a car with your question."
 EXTENSIONS = {"image/png": "png", "image/webp": "webp", "image/gif": "gif"}
+CANCELLED = "Your question was cancelled."
+NOT_YOURS = "Only the person who asked this question can cancel it."
+ALREADY_STARTED = "Your question is already being answered, so it can no longer be cancelled."
+NOT_WAITING = "That question is no longer waiting."
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -198,6 +203,20 @@ class Commands:
             return error_reply(error)
         return await self.ask(platform, user, reply_to, found.image_bytes, question)
 
+    async def mosaic_names(self, scope: str, typed: str, limit: int = 25) -> list[str]:
+        """What autocomplete offers: names of the mosaics visible here that contain what was
+        typed (case-insensitive), those starting with it first, newest first within each."""
+        mosaics = await self._off_loop(self._visible, scope)
+        typed = " ".join(typed.split()).lower()
+        names = [m.name for m in mosaics if typed in m.name.lower()]
+        return sorted(names, key=lambda name: not name.lower().startswith(typed))[:limit]
+
+    async def cancel_question(self, platform: str, user: str, job_id: int) -> Reply:
+        """Cancel a question no worker has started yet, for the person who asked it. The reply
+        says what happened; it is ephemeral when nothing was cancelled."""
+        outcome = await self._off_loop(self._cancel_queued, platform, user, job_id)
+        return Reply(outcome, ephemeral=outcome != CANCELLED)
+
     def gallery_url(self, mosaic_id: int) -> str | None:
         """The mosaic's page in the web gallery, when GALLERY_PUBLIC_URL says where it is."""
         base = self.ctx.settings.gallery_public_url
@@ -291,6 +310,18 @@ class Commands:
     def _remember(self, platform: str, channel_id: str, message_id: str, mosaic_id: int) -> None:
         with self.ctx.db.session() as session:
             remember_message(session, platform, channel_id, message_id, mosaic_id)
+
+    def _cancel_queued(self, platform: str, user: str, job_id: int) -> str:
+        with self.ctx.db.session() as session:
+            job = job_rows.job_by_id(session, job_id)
+            if job is None or job.platform != platform:
+                return NOT_WAITING
+            if job.user_id != user:
+                return NOT_YOURS
+            if job_rows.cancel_queued_job(session, job_id, user):
+                return CANCELLED
+            session.refresh(job)
+            return ALREADY_STARTED if job.status == "running" else NOT_WAITING
 
     def _answer_shown(self, platform: str, channel_id: str, message_id: str) -> int | None:
         with self.ctx.db.session() as session:
@@ -421,6 +452,10 @@ class JobUpdates:
 
     def add_fallback(self, platform: str, fallback: Fallback) -> None:
         self._fallbacks[platform] = fallback
+
+    def forget(self, job_id: int) -> None:
+        """Stop following a job that will send no more updates (cancelled before it started)."""
+        self._live.pop(job_id, None)
 
     async def follow(
         self, ask: Awaitable[Reply], show: Callable[[str], Awaitable[JobStatus]]

@@ -159,6 +159,20 @@ def cancel_job(session: Session, job_id: int, user_id: str) -> bool:
     return result.rowcount == 1
 
 
+def cancel_queued_job(session: Session, job_id: int, user_id: str) -> bool:
+    """Cancel this user's job only if no worker has started it; False otherwise."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.user_id == user_id, Job.status == "queued")
+        .values(
+            status="cancelled",
+            finished_at=utcnow(),
+            error="The question was cancelled by the person who asked it.",
+        )
+    )
+    return result.rowcount == 1
+
+
 def queue_positions(session: Session, now: datetime) -> dict[int, int]:
     """Each queued job's place in line, 1 = next: the queued jobs before it, plus the jobs
     running under a live lease, plus one. Counting running jobs is the honest answer to "how
