@@ -1,12 +1,16 @@
-"""The Slack adapter (slack-bolt, async): `/mosaic build|show|list|tile`, thread replies such as
-`C7` under a mosaic, photos shared with a question that mentions the app, and follow-up
-questions: any reply in a thread where the app answered continues that conversation.
+"""The Slack adapter (slack-bolt, async): `/mosaic build|show|list|tile`, `/ask`, thread replies
+such as `C7` under a mosaic, photos shared with a question that mentions the app, follow-up
+questions (any reply in a thread where the app answered), and Block Kit buttons and modals:
+"Pick a tile", "Random tile", "Open in gallery" under a mosaic, "Ask about this car" under a
+tile, and the message shortcut "Ask about this photo". The app's manifest: bot/slack-manifest.yml.
 
-Listeners ack() first (Slack wants it within 3 s), then do the work. A mosaic is posted as a
-message with its preview uploaded into that message's thread, where tile replies go.
+Listeners ack() first (Slack wants it within 3 s), then do the work; a modal's bad input is
+answered in the ack itself, as an error under its field. A mosaic is posted as a message with
+its preview uploaded into that message's thread, where tile replies go.
 """
 
 import ipaddress
+import json
 import logging
 import re
 from collections.abc import Iterable
@@ -149,21 +153,36 @@ def make_slack_app(
                                 settings.slack_file_hosts)
     max_bytes = settings.preview_max_bytes
 
-    async def post(channel: str, user: str, reply: Reply, thread_ts: str | None = None) -> None:
+    async def post(channel: str, user: str, reply: Reply, thread_ts: str | None = None,
+                   mosaic_ts: str | None = None) -> None:
+        """Send a reply. A mosaic goes in a new message (or `mosaic_ts`, its status message,
+        edited) with its buttons, its preview in that message's thread."""
         if reply.ephemeral:
             await client.chat_postEphemeral(channel=channel, user=user, text=reply.text,
                                             thread_ts=thread_ts)
             return
         if reply.mosaic_id is not None:
-            posted = await client.chat_postMessage(channel=channel, text=reply.text)
-            thread_ts = posted["ts"]
-            await commands.remember(PLATFORM, channel, thread_ts, reply.mosaic_id)
-            await upload(channel, thread_ts, reply, comment=None)
+            blocks = mosaic_blocks(reply.text, reply.mosaic_id,
+                                   commands.gallery_url(reply.mosaic_id))
+            if mosaic_ts is None:
+                posted = await client.chat_postMessage(channel=channel, text=reply.text,
+                                                       blocks=blocks)
+                mosaic_ts = posted["ts"]
+            else:
+                await client.chat_update(channel=channel, ts=mosaic_ts, text=reply.text,
+                                         blocks=blocks)
+            await commands.remember(PLATFORM, channel, mosaic_ts, reply.mosaic_id)
+            await upload(channel, mosaic_ts, reply, comment=None)
             return
         if reply.files:
             await upload(channel, thread_ts, reply, comment=reply.text)
         else:
             await client.chat_postMessage(channel=channel, text=reply.text, thread_ts=thread_ts)
+        if reply.tile is not None:
+            mosaic_id, label = reply.tile
+            await client.chat_postMessage(channel=channel, thread_ts=thread_ts,
+                                          text=f"Ask about the car behind {label}",
+                                          blocks=tile_blocks(mosaic_id, label))
 
     async def upload(channel: str, thread_ts: str | None, reply: Reply,
                      comment: str | None) -> None:
@@ -171,7 +190,7 @@ def make_slack_app(
         await client.files_upload_v2(file_uploads=uploads, channel=channel, thread_ts=thread_ts,
                                      initial_comment=comment)
 
-    async def latest_image(channel: str, user: str) -> dict:
+    async def latest_image(channel: str, user: str, hint: str) -> dict:
         history = await client.conversations_history(channel=channel, limit=HISTORY_LIMIT)
         for message in history.get("messages", []):
             if message.get("user") != user:
@@ -179,7 +198,30 @@ def make_slack_app(
             for file in message.get("files", []):
                 if (file.get("mimetype") or "").startswith("image/"):
                     return file
-        raise BadImage("Share an image in this channel first, then run /mosaic build NAME.")
+        raise BadImage(hint)
+
+    async def build(channel: str, user: str, scope: str, args: list[str]) -> None:
+        """/mosaic build: the status message appears with the first progress line, is edited
+        as the build goes, and becomes the mosaic's message (or goes, if the build fails)."""
+        columns = None
+        if len(args) > 1 and args[-1].isdigit():
+            columns, args = int(args[-1]), args[:-1]
+        target = await files.download(await latest_image(
+            channel, user, "Share an image in this channel first, then run /mosaic build NAME."))
+        status_ts: str | None = None
+
+        async def progress(text: str) -> None:
+            nonlocal status_ts
+            if status_ts is None:
+                status_ts = (await client.chat_postMessage(channel=channel, text=text))["ts"]
+            else:
+                await client.chat_update(channel=channel, ts=status_ts, text=text)
+
+        reply = await commands.build(scope, f"{PLATFORM}:{user}", target, " ".join(args),
+                                     columns, max_bytes, progress=progress)
+        if reply.mosaic_id is None and status_ts is not None:
+            await client.chat_delete(channel=channel, ts=status_ts)
+        await post(channel, user, reply, mosaic_ts=status_ts)
 
     @app.command("/mosaic")
     async def mosaic_command(ack, command: dict) -> None:
@@ -190,13 +232,9 @@ def make_slack_app(
         verb, args = (words[0].lower(), words[1:]) if words else ("", [])
         try:
             if verb == "build" and args:
-                columns = None
-                if len(args) > 1 and args[-1].isdigit():
-                    columns, args = int(args[-1]), args[:-1]
-                target = await files.download(await latest_image(channel, user))
-                reply = await commands.build(scope, f"{PLATFORM}:{user}", target, " ".join(args),
-                                             columns, max_bytes)
-            elif verb == "show" and args:
+                await build(channel, user, scope, args)
+                return
+            if verb == "show" and args:
                 reply = await commands.show(scope, f"{PLATFORM}:{user}", " ".join(args), max_bytes)
             elif verb == "list":
                 reply = await commands.mosaics(scope)
@@ -212,6 +250,55 @@ def make_slack_app(
             log.exception("/mosaic %s failed", verb)
             reply = Reply(SORRY, ephemeral=True)
         await post(channel, user, reply)
+
+    @app.command("/ask")
+    async def ask_command(ack, command: dict) -> None:
+        """/ask QUESTION: about the last photo the user shared in the channel; the question and
+        its status open a thread, where the answer and follow-ups go."""
+        await ack()
+        channel, user = command["channel_id"], command["user_id"]
+        question = (command.get("text") or "").strip()
+        if not question:
+            await post(channel, user, Reply(ASK_USAGE, ephemeral=True))
+            return
+        try:
+            image = await files.download(await latest_image(
+                channel, user, "Share a photo of a car in this channel first, then run "
+                               "/ask QUESTION."))
+        except UserError as error:
+            await post(channel, user, error_reply(error))
+            return
+        except Exception:
+            log.exception("/ask failed")
+            await post(channel, user, Reply(SORRY, ephemeral=True))
+            return
+        await queue_question(channel, user, None, image, question, asked_by=user)
+
+    async def queue_question(channel: str, user: str, thread_ts: str | None,
+                             image: bytes | None, question: str,
+                             follow_up_of: int | None = None, asked_by: str | None = None,
+                             tile: tuple[int, str] | None = None) -> None:
+        """Queue a question and show its status in `thread_ts` (or, without one, in a new
+        message that starts the question's thread); the answer follows in that thread."""
+        reply_to = {"channel": channel, "thread_ts": thread_ts, "user": user}
+
+        async def show(text: str) -> SlackStatus:
+            if thread_ts is None:
+                # Nobody sees a slash command: the thread opens with who asked what.
+                opening = f"<@{asked_by}> asked: {question}\n{text}"
+                posted = await client.chat_postMessage(channel=channel, text=opening)
+                return SlackStatus(client, channel, posted["ts"], posted["ts"])
+            posted = await client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=text)
+            return SlackStatus(client, channel, thread_ts, posted["ts"])
+
+        if tile is not None:
+            asked = commands.ask_about_tile(PLATFORM, user, reply_to, *tile, question)
+        else:
+            asked = commands.ask(PLATFORM, user, reply_to, image, question,
+                                 follow_up_of=follow_up_of)
+        reply = await updates.follow(asked, show)
+        if reply.job_id is None:
+            await post(channel, user, reply, thread_ts)
 
     async def ask_in_thread(event: dict, thread_ts: str, follow_up_of: int | None = None) -> None:
         """Queue the event's question about its photo and answer it in the thread. A follow-up
@@ -231,16 +318,7 @@ def make_slack_app(
             except UserError as error:
                 await post(channel, user, error_reply(error), thread_ts)
                 return
-        reply_to = {"channel": channel, "thread_ts": thread_ts, "user": user}
-
-        async def show(text: str) -> SlackStatus:
-            posted = await client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=text)
-            return SlackStatus(client, channel, thread_ts, posted["ts"])
-
-        asked = commands.ask(PLATFORM, user, reply_to, image, question, follow_up_of=follow_up_of)
-        reply = await updates.follow(asked, show)
-        if reply.job_id is None:
-            await post(channel, user, reply, thread_ts)
+        await queue_question(channel, user, thread_ts, image, question, follow_up_of)
 
     @app.event("message")
     async def thread_reply(event: dict, context: AsyncBoltContext) -> None:
@@ -272,6 +350,106 @@ def make_slack_app(
             parent = await commands.follow_up_for_message(PLATFORM, event["channel"], thread_ts)
         await ask_in_thread(event, thread_ts, follow_up_of=parent)
 
+    # Buttons and modals ------------------------------------------------------------------
+
+    @app.action(PICK_TILE)
+    async def pick_tile(ack, body: dict) -> None:
+        """"Pick a tile" under a mosaic: a modal asks for the coordinate."""
+        await ack()
+        metadata = {"channel": body["channel"]["id"], "message_ts": _message_ts(body)}
+        await client.views_open(trigger_id=body["trigger_id"], view=coordinate_modal(metadata))
+
+    @app.view(PICK_TILE)
+    async def tile_picked(ack, body: dict, view: dict) -> None:
+        """The coordinate modal sent: a bad coordinate is one sentence in the modal itself;
+        a good one closes it and the car's photo goes in the mosaic's thread."""
+        where = json.loads(view["private_metadata"])
+        coordinate = _input_value(view, COORDINATE_BLOCK)
+        reply = None
+        if is_coordinate(coordinate):
+            reply = await commands.tile_for_message(PLATFORM, where["channel"],
+                                                    where["message_ts"], coordinate, max_bytes)
+            if reply is None:
+                reply = error_reply(UserError(GONE))
+        else:
+            reply = Reply(f"{coordinate or 'That'} is not a tile: write column letters and a "
+                          "row number, e.g. C7.", ephemeral=True)
+        if reply.ephemeral:
+            await ack(response_action="errors", errors={COORDINATE_BLOCK: reply.text})
+            return
+        await ack()
+        await post(where["channel"], body["user"]["id"], reply, thread_ts=where["message_ts"])
+
+    @app.action(RANDOM_TILE)
+    async def random_tile(ack, body: dict) -> None:
+        """"Random tile" under a mosaic: any tile's car, in the mosaic's thread."""
+        await ack()
+        channel, message_ts = body["channel"]["id"], _message_ts(body)
+        reply = await commands.random_tile_for_message(PLATFORM, channel, message_ts, max_bytes)
+        await post(channel, body["user"]["id"], reply or error_reply(UserError(GONE)),
+                   thread_ts=message_ts)
+
+    @app.action(OPEN_GALLERY)
+    async def open_gallery(ack) -> None:
+        """A link button: Slack opens the page, and still tells the app it was clicked."""
+        await ack()
+
+    @app.action(ASK_ABOUT_CAR)
+    async def ask_about_car(ack, body: dict, action: dict) -> None:
+        """"Ask about this car" under a tile's photo: a modal asks for the question."""
+        await ack()
+        mosaic_id, label = action["value"].split(":", 1)
+        message = body.get("message") or {}
+        metadata = {"channel": body["channel"]["id"], "mosaic_id": int(mosaic_id),
+                    "coordinate": label,
+                    "thread_ts": message.get("thread_ts") or _message_ts(body)}
+        await client.views_open(trigger_id=body["trigger_id"], view=question_modal(
+            ASK_ABOUT_CAR, f"Ask about {label}", metadata))
+
+    @app.view(ASK_ABOUT_CAR)
+    async def car_question_sent(ack, body: dict, view: dict) -> None:
+        where = json.loads(view["private_metadata"])
+        question = _input_value(view, QUESTION_BLOCK).strip()
+        if not question:
+            await ack(response_action="errors", errors={QUESTION_BLOCK: EMPTY_QUESTION})
+            return
+        await ack()
+        await queue_question(where["channel"], body["user"]["id"], where["thread_ts"], None,
+                             question, tile=(where["mosaic_id"], where["coordinate"]))
+
+    @app.shortcut(ASK_ABOUT_PHOTO)
+    async def ask_about_photo(ack, shortcut: dict) -> None:
+        """The message menu's "Ask about this photo": a modal asks for the question."""
+        await ack()
+        channel, user = shortcut["channel"]["id"], shortcut["user"]["id"]
+        message = shortcut.get("message") or {}
+        photo = next((f for f in message.get("files", [])
+                      if (f.get("mimetype") or "").startswith("image/")), None)
+        if photo is None:
+            await post(channel, user, error_reply(BadImage(NO_PHOTO_IN_MESSAGE)),
+                       thread_ts=message.get("thread_ts"))
+            return
+        metadata = {"channel": channel, "thread_ts": message.get("thread_ts") or message["ts"],
+                    "file": {k: photo.get(k) for k in FILE_FIELDS}}
+        await client.views_open(trigger_id=shortcut["trigger_id"], view=question_modal(
+            ASK_ABOUT_PHOTO, "Ask about this photo", metadata))
+
+    @app.view(ASK_ABOUT_PHOTO)
+    async def photo_question_sent(ack, body: dict, view: dict) -> None:
+        where = json.loads(view["private_metadata"])
+        question = _input_value(view, QUESTION_BLOCK).strip()
+        if not question:
+            await ack(response_action="errors", errors={QUESTION_BLOCK: EMPTY_QUESTION})
+            return
+        await ack()
+        channel, user = where["channel"], body["user"]["id"]
+        try:
+            image = await files.download(where["file"])
+        except UserError as error:
+            await post(channel, user, error_reply(error), where["thread_ts"])
+            return
+        await queue_question(channel, user, where["thread_ts"], image, question)
+
     async def answer_without_status(job: Job, text: str) -> PostedAnswer | None:
         where = job.reply_to or {}
         if not where.get("channel"):
@@ -287,14 +465,99 @@ def make_slack_app(
         """An event listener's unexpected failure: logged, and one private sentence to the user."""
         log.error("Slack listener failed", exc_info=error)
         event = body.get("event") or {}
-        channel = event.get("channel") or body.get("channel_id")
-        user = event.get("user") or body.get("user_id")
+        channel = (event.get("channel") or body.get("channel_id")
+                   or (body.get("channel") or {}).get("id"))
+        user = event.get("user") or body.get("user_id") or (body.get("user") or {}).get("id")
         if channel and user:
             await client.chat_postEphemeral(channel=channel, user=user, text=SORRY,
                                             thread_ts=event.get("thread_ts") or event.get("ts"))
 
     updates.add_fallback(PLATFORM, answer_without_status)
     return app
+
+
+# Block Kit ---------------------------------------------------------------------------------
+
+PICK_TILE = "pick_tile"
+RANDOM_TILE = "random_tile"
+OPEN_GALLERY = "open_gallery"
+ASK_ABOUT_CAR = "ask_about_car"
+ASK_ABOUT_PHOTO = "ask_about_photo"
+COORDINATE_BLOCK = "coordinate"
+QUESTION_BLOCK = "question"
+ASK_USAGE = "Usage: /ask QUESTION (about the last photo of a car you shared in this channel)."
+EMPTY_QUESTION = 'Please write a question, e.g. "Which parts of this car pollute?"'
+NO_PHOTO_IN_MESSAGE = "That message has no photo to ask about."
+GONE = "That mosaic is no longer here."
+# What a question modal carries of the photo's Slack file (private_metadata, 3,000 chars).
+FILE_FIELDS = ("id", "name", "mimetype", "size", "url_private", "url_private_download")
+
+
+def _plain(text: str) -> dict:
+    # plain_text, not mrkdwn: a mosaic's name or a question is shown as typed, never as markup.
+    return {"type": "plain_text", "text": text[:3000]}
+
+
+def _button(action_id: str, text: str, value: str | None = None, url: str | None = None) -> dict:
+    button = {"type": "button", "action_id": action_id, "text": _plain(text)}
+    if value is not None:
+        button["value"] = value
+    if url is not None:
+        button["url"] = url
+    return button
+
+
+def mosaic_blocks(text: str, mosaic_id: int, gallery_url: str | None) -> list[dict]:
+    """A mosaic's message: its text, then "Pick a tile", "Random tile" and, when the gallery
+    has a public address, "Open in gallery"."""
+    buttons = [_button(PICK_TILE, "Pick a tile", str(mosaic_id)),
+               _button(RANDOM_TILE, "Random tile", str(mosaic_id))]
+    if gallery_url:
+        buttons.append(_button(OPEN_GALLERY, "Open in gallery", url=gallery_url))
+    return [{"type": "section", "text": _plain(text)},
+            {"type": "actions", "block_id": "mosaic", "elements": buttons}]
+
+
+def tile_blocks(mosaic_id: int, label: str) -> list[dict]:
+    return [{"type": "actions", "block_id": "tile", "elements": [
+        _button(ASK_ABOUT_CAR, "Ask about this car", f"{mosaic_id}:{label}")]}]
+
+
+def coordinate_modal(metadata: dict) -> dict:
+    return {
+        "type": "modal", "callback_id": PICK_TILE, "title": _plain("Pick a tile"),
+        "submit": _plain("Show the car"), "close": _plain("Cancel"),
+        "private_metadata": json.dumps(metadata),
+        "blocks": [{
+            "type": "input", "block_id": COORDINATE_BLOCK, "label": _plain("Tile"),
+            "hint": _plain("Column letters and row number, as on the preview, e.g. C7."),
+            "element": {"type": "plain_text_input", "action_id": COORDINATE_BLOCK,
+                        "placeholder": _plain("C7"), "max_length": 12},
+        }],
+    }
+
+
+def question_modal(callback_id: str, title: str, metadata: dict) -> dict:
+    return {
+        "type": "modal", "callback_id": callback_id, "title": _plain(title[:24]),
+        "submit": _plain("Ask"), "close": _plain("Cancel"),
+        "private_metadata": json.dumps(metadata),
+        "blocks": [{
+            "type": "input", "block_id": QUESTION_BLOCK, "label": _plain("Your question"),
+            "element": {"type": "plain_text_input", "action_id": QUESTION_BLOCK,
+                        "multiline": True, "max_length": 1000,
+                        "placeholder": _plain("Which parts of this car pollute?")},
+        }],
+    }
+
+
+def _input_value(view: dict, block_id: str) -> str:
+    values = view.get("state", {}).get("values", {})
+    return (values.get(block_id, {}).get(block_id, {}).get("value") or "").strip()
+
+
+def _message_ts(body: dict) -> str:
+    return (body.get("container") or {}).get("message_ts") or body["message"]["ts"]
 
 
 class SlackStatus:

@@ -128,6 +128,11 @@ class SlackStandIn(RecordingServer):
                     "message": {"text": args.get("text"), "ts": ts}}
         if method == "chat.postEphemeral":
             return {"message_ts": next_ts()}
+        if method == "chat.delete":
+            return {"channel": args.get("channel"), "ts": args.get("ts")}
+        if method == "views.open":
+            view = json.loads(args["view"]) if isinstance(args["view"], str) else args["view"]
+            return {"view": {**view, "id": f"V{next(self._uploads):04d}", "state": {"values": {}}}}
         if method == "files.getUploadURLExternal":
             file_id = f"F{next(self._uploads):04d}"
             return {"upload_url": f"{self.base_url}/upload/{file_id}", "file_id": file_id}
@@ -168,3 +173,54 @@ def event_callback(event: dict) -> AsyncBoltRequest:
         "authorizations": [{"team_id": TEAM_ID, "user_id": BOT_USER, "is_bot": True}],
     })
     return _signed(body, "application/json")
+
+
+def _interaction(payload: dict) -> AsyncBoltRequest:
+    """Buttons, modals and shortcuts arrive form-encoded, the JSON in a `payload` field."""
+    base = {"token": "legacy", "api_app_id": "A0APP", "trigger_id": f"{next_ts()}.trigger",
+            "team": {"id": TEAM_ID, "domain": "test"},
+            "user": {"id": USER, "username": "alice", "team_id": TEAM_ID}}
+    return _signed(urlencode({"payload": json.dumps({**base, **payload})}),
+                   "application/x-www-form-urlencoded")
+
+
+def block_action(message: dict, action_id: str, value: str | None = None,
+                 url: str | None = None) -> AsyncBoltRequest:
+    """A click on a button of `message` (a chat.postMessage's args and response, as Slack
+    stores it: its ts, its thread_ts, its blocks)."""
+    action = {"type": "button", "action_id": action_id, "block_id": "b",
+              "text": {"type": "plain_text", "text": action_id}, "action_ts": next_ts()}
+    if value is not None:
+        action["value"] = value
+    if url is not None:
+        action["url"] = url
+    return _interaction({
+        "type": "block_actions",
+        "container": {"type": "message", "message_ts": message["ts"], "channel_id": CHANNEL,
+                      "is_ephemeral": False},
+        "channel": {"id": CHANNEL, "name": "mosaics"},
+        "message": message,
+        "response_url": "http://127.0.0.1:9/unused",
+        "actions": [action],
+    })
+
+
+def view_submission(view: dict, values: dict[str, str]) -> AsyncBoltRequest:
+    """The modal `view` (as views.open returned it) sent with these plain_text_input values,
+    keyed by block id (each input's action id is its block id here)."""
+    state = {block: {block: {"type": "plain_text_input", "value": value}}
+             for block, value in values.items()}
+    return _interaction({
+        "type": "view_submission",
+        "view": {**view, "state": {"values": state}, "hash": "1.abc", "team_id": TEAM_ID,
+                 "app_id": "A0APP", "bot_id": "B0BOT"},
+        "response_urls": [],
+    })
+
+
+def message_shortcut(callback_id: str, message: dict) -> AsyncBoltRequest:
+    return _interaction({
+        "type": "message_action", "callback_id": callback_id, "message_ts": message["ts"],
+        "channel": {"id": CHANNEL, "name": "mosaics"}, "message": message,
+        "response_url": "http://127.0.0.1:9/unused",
+    })

@@ -114,7 +114,7 @@ async def test_build_uses_the_users_last_image_downloaded_with_the_bot_token(
     [download] = [c for c in stand_in.calls if c.method.startswith("GET /files/")]
     assert download.method == "GET /files/owl.png"
     assert download.headers["Authorization"] == f"Bearer {BOT_TOKEN}"
-    assert stand_in.api("chat.postMessage")[0].args["text"].startswith("Built owl: 8x8 tiles")
+    assert stand_in.api("chat.update")[-1].args["text"].startswith("Built owl: 8x8 tiles")
     assert raw.body[:3] == b"\xff\xd8\xff"
 
 
