@@ -266,7 +266,7 @@ def mosaic_show(ctx: AppContext, args: argparse.Namespace) -> int:
     stats, options = mosaic.settings.get("stats", {}), mosaic.settings.get("options", {})
     print(f"{mosaic.name}: {mosaic.cols} x {mosaic.rows} tiles of {mosaic.tile_px} px "
           f"(A1 to {format_coordinate(mosaic.rows - 1, mosaic.cols - 1)})")
-    print(f"  render: {ctx.media.path(mosaic.render_media_key)}")
+    print(f"  render: {ctx.media.describe(mosaic.render_media_key)}")
     print(f"  built {mosaic.created_at:%Y-%m-%d %H:%M} by {mosaic.created_by or 'the CLI'}")
     print("  options: " + ", ".join(f"{key}={value}" for key, value in options.items()))
     print("  stats: " + ", ".join(f"{key}={value}" for key, value in stats.items()))

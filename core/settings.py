@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, validation_alias=AliasChoices("DATABASE_URL", "database_url")
     )
+    # Media store: unset = the folder data_dir/media; a path or file://; postgresql://...
+    # (media in the database, shared by every host); s3://BUCKET/PREFIX?endpoint_url=...
+    media_url: str | None = Field(None, validation_alias=AliasChoices("MEDIA_URL", "media_url"))
+    # Leftovers younger than this are spared by the sweep: a writer may still be working.
+    media_sweep_after_min: float = 60.0
     max_image_pixels: int = 40_000_000
     max_upload_bytes: int = 20 * 1024 * 1024
     preview_max_bytes: int = 8 * 1024 * 1024
@@ -34,6 +39,12 @@ class Settings(BaseSettings):
     discord_token: SecretStr | None = None
     discord_guild_id: int | None = None
     discord_message_content: bool = False
+    # Shards (AutoShardedClient) from about 2,500 servers on: DISCORD_SHARDED=true takes
+    # Discord's recommended count, DISCORD_SHARD_COUNT=N sets it (and implies sharding).
+    discord_sharded: bool = False
+    discord_shard_count: int | None = None
+    # A plain message cannot be ephemeral: error replies to messages delete themselves after this.
+    discord_error_delete_after_s: float = 60.0
     slack_bot_token: SecretStr | None = None
     slack_app_token: SecretStr | None = None
     slack_signing_secret: SecretStr | None = None
@@ -51,6 +62,12 @@ class Settings(BaseSettings):
     # Where people reach the gallery (behind a proxy), e.g. https://mosaics.example.org: chat
     # messages then link each mosaic's page. Empty: no link.
     gallery_public_url: str | None = None
+    # Seals the gallery's session cookies. Unset: a random key kept beside the database, so
+    # restarts keep sessions; set the same value on every host behind one address.
+    gallery_secret: SecretStr | None = None
+    # Tile look-ups (JSON and photo) kept in memory, bounded in MB; 0 turns the cache off.
+    gallery_tile_cache_mb: float = 64.0
+    gallery_tile_cache_ttl_s: float = 600.0
 
     # Q&A jobs and answering.
     qa_backend: Literal["embedded", "vlm"] = "embedded"
@@ -71,6 +88,15 @@ class Settings(BaseSettings):
 
     attention: PrBlockConfig = PrBlockConfig()
     kv_cache: SAQConfig = SAQConfig()
+
+    @field_validator("media_url")
+    @classmethod
+    def _known_media_backend(cls, value):
+        scheme = value.split("://", 1)[0].split("+", 1)[0] if value and "://" in value else ""
+        if scheme not in ("", "file", "postgresql", "postgres", "s3"):
+            raise ValueError(f"MEDIA_URL is a folder, file://, postgresql:// or s3:// URL, "
+                             f"not {scheme}://")
+        return value
 
     @field_validator("kv_cache", mode="before")
     @classmethod

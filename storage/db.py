@@ -1,6 +1,7 @@
 """Engine and session set-up: SQLite with WAL and a busy timeout by default, any URL otherwise.
 
-`Database.open(url)` creates the schema on first start, so a fresh data directory just works.
+`Database.open(url)` migrates the schema to the newest revision on start (storage/migrate.py),
+so a fresh data directory just works and a deployed one follows schema changes.
 """
 
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.models import Base
+from storage.migrate import upgrade_schema
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 
@@ -49,7 +50,7 @@ class Database:
     @classmethod
     def open(cls, url: str) -> "Database":
         engine = make_engine(url)
-        Base.metadata.create_all(engine)
+        upgrade_schema(engine)
         return cls(engine)
 
     @contextmanager

@@ -1,48 +1,142 @@
-"""Content-addressed media store: files named by the sha256 of their bytes, written atomically.
+"""Content-addressed media store: objects named by the sha256 of their bytes, written atomically,
+in a local folder (default), in PostgreSQL, or in S3-compatible object storage (`MEDIA_URL`).
 
-Keys are validated hex digests, so no path is ever built from user input.
+Keys are validated hex digests, so no path or object name is ever built from user input.
+Every backend streams: `put_chunks` and `chunks` never hold a whole object in memory.
 """
 
 import hashlib
 import os
 import re
 import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Sequence,
+    String,
+    Table,
+    bindparam,
+    create_engine,
+    delete,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 _KEY = re.compile(r"^[0-9a-f]{64}$")
+CHUNK_BYTES = 1024 * 1024
+# Where a half-written local file waits before its rename; a crashed writer leaves it here.
+INCOMING = ".incoming"
 
 
 class MediaMissing(LookupError):
     """The media store has no file for this key (deleted or never stored)."""
 
 
+class BadMediaUrl(ValueError):
+    """MEDIA_URL names no backend this store knows."""
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class MediaStore:
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+def check_key(key: str) -> str:
+    if not isinstance(key, str) or not _KEY.match(key):
+        raise ValueError("media keys are sha256 hex digests")
+    return key
 
-    def path(self, key: str) -> Path:
-        if not _KEY.match(key):
-            raise ValueError("media keys are sha256 hex digests")
-        return self.root / key[:2] / key[2:4] / key
+
+def _pieces(chunks: Iterable[bytes], size: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """The same bytes in pieces of at most `size`, so one big `put` is stored in chunks too."""
+    for chunk in chunks:
+        view = memoryview(chunk)
+        for start in range(0, len(view), size):
+            yield bytes(view[start:start + size])
+
+
+class MediaStore:
+    """What every backend offers; `put` and `read` are the whole-bytes forms of the streams."""
 
     def put(self, data: bytes) -> str:
         """Store bytes once; returns their key. Writing the same bytes again is a no-op."""
         key = sha256_hex(data)
-        target = self.path(key)
-        if target.exists():
+        if self.has(key):
             return key
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        return self.put_chunks([data])
+
+    def put_chunks(self, chunks: Iterable[bytes]) -> str:
+        """Store a stream of bytes; the object appears whole, under its sha256, or not at all."""
+        raise NotImplementedError
+
+    def read(self, key: str) -> bytes:
+        return b"".join(self.chunks(key))
+
+    def chunks(self, key: str) -> Iterator[bytes]:
+        """The object's bytes in order, a chunk at a time; MediaMissing if there is none."""
+        raise NotImplementedError
+
+    def has(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def keys(self, older_than: timedelta = timedelta(0)) -> Iterator[str]:
+        """Keys of objects stored at least `older_than` ago (a sweep spares fresh writes)."""
+        raise NotImplementedError
+
+    def sweep_incomplete(self, older_than: timedelta) -> int:
+        """Removes what crashed writers left behind; returns how many leftovers went."""
+        raise NotImplementedError
+
+    def describe(self, key: str) -> str:
+        """Where the object lives, for people (a path, a table row, an object URL)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class FolderMediaStore(MediaStore):
+    """Files under root/ab/cd/<key>: written to root/.incoming, fsynced, then renamed in place."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.incoming = self.root / INCOMING
+        self.incoming.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        check_key(key)
+        return self.root / key[:2] / key[2:4] / key
+
+    def put_chunks(self, chunks: Iterable[bytes]) -> str:
+        digest = hashlib.sha256()
+        fd, tmp = tempfile.mkstemp(dir=self.incoming, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                for chunk in chunks:
+                    digest.update(chunk)
+                    handle.write(chunk)
                 handle.flush()
                 os.fsync(handle.fileno())
+            key = digest.hexdigest()
+            target = self.path(key)
+            if target.exists():
+                Path(tmp).unlink()
+                return key
+            target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -58,5 +152,283 @@ class MediaStore:
         except FileNotFoundError:
             raise MediaMissing(key) from None
 
+    def chunks(self, key: str) -> Iterator[bytes]:
+        try:
+            handle = self.path(key).open("rb")
+        except FileNotFoundError:
+            raise MediaMissing(key) from None
+        return self._read_chunks(handle)
+
+    @staticmethod
+    def _read_chunks(handle) -> Iterator[bytes]:
+        with handle:
+            while chunk := handle.read(CHUNK_BYTES):
+                yield chunk
+
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
+
+    def keys(self, older_than: timedelta = timedelta(0)) -> Iterator[str]:
+        cutoff = time.time() - older_than.total_seconds()
+        for path in self.root.glob("??/??/*"):
+            if _KEY.match(path.name) and path.stat().st_mtime <= cutoff:
+                yield path.name
+
+    def sweep_incomplete(self, older_than: timedelta) -> int:
+        cutoff = time.time() - older_than.total_seconds()
+        # Writers before .incoming left their temporaries beside the target.
+        leftovers = [*self.incoming.glob(".tmp-*"), *self.root.glob("??/??/.tmp-*")]
+        removed = 0
+        for path in leftovers:
+            try:
+                if path.stat().st_mtime <= cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+    def describe(self, key: str) -> str:
+        return str(self.path(key))
+
+
+_media = MetaData()
+_blob_ids = Sequence("media_blob_ids", metadata=_media)
+media_objects = Table(
+    "media_objects", _media,
+    Column("key", String(64), primary_key=True),
+    Column("blob_id", BigInteger, nullable=False, unique=True),
+    Column("byte_size", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+media_chunks = Table(
+    "media_chunks", _media,
+    Column("blob_id", BigInteger, primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+)
+# Any constant shared by every host: serialises the first start's CREATE TABLE.
+_SCHEMA_LOCK = 0x7A1C_3E0A
+
+
+class PostgresMediaStore(MediaStore):
+    """Objects in PostgreSQL: a row per object, its bytes in 1 MiB rows of `media_chunks`.
+
+    One transaction writes the chunks and then the object row, so a writer that dies leaves
+    nothing anyone can see (PostgreSQL rolls the transaction back), and nothing to sweep.
+    """
+
+    def __init__(self, url: str):
+        self.engine = create_engine(url, pool_pre_ping=True)
+        with self.engine.begin() as conn:
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK})
+            _media.create_all(conn)
+
+    def put_chunks(self, chunks: Iterable[bytes]) -> str:
+        digest, size = hashlib.sha256(), 0
+        with self.engine.connect() as conn, conn.begin() as transaction:
+            blob_id = conn.execute(_blob_ids.next_value()).scalar_one()
+            for seq, piece in enumerate(_pieces(chunks)):
+                digest.update(piece)
+                size += len(piece)
+                conn.execute(media_chunks.insert(), {"blob_id": blob_id, "seq": seq,
+                                                     "data": piece})
+            key = digest.hexdigest()
+            stored = conn.execute(
+                pg_insert(media_objects)
+                .values(key=key, blob_id=blob_id, byte_size=size)
+                .on_conflict_do_nothing()
+                .returning(media_objects.c.key)
+            ).scalar()
+            if stored is None:  # the same bytes were already there: keep theirs, drop ours
+                transaction.rollback()
+        return key
+
+    def _blob_id(self, conn, key: str) -> int:
+        blob_id = conn.execute(
+            select(media_objects.c.blob_id).where(media_objects.c.key == check_key(key))
+        ).scalar()
+        if blob_id is None:
+            raise MediaMissing(key)
+        return blob_id
+
+    def chunks(self, key: str) -> Iterator[bytes]:
+        with self.engine.connect() as conn:
+            self._blob_id(conn, key)
+        return self._read_chunks(key)
+
+    def _read_chunks(self, key: str) -> Iterator[bytes]:
+        # One chunk per query: memory stays at one chunk whatever the object's size.
+        with self.engine.connect() as conn:
+            blob_id = self._blob_id(conn, key)
+            query = select(media_chunks.c.data).where(media_chunks.c.blob_id == blob_id,
+                                                      media_chunks.c.seq == bindparam("seq"))
+            seq = 0
+            while (data := conn.execute(query, {"seq": seq}).scalar()) is not None:
+                yield data
+                seq += 1
+
+    def has(self, key: str) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(media_objects.c.key).where(media_objects.c.key == check_key(key))
+            ).scalar() is not None
+
+    def delete(self, key: str) -> None:
+        with self.engine.begin() as conn:
+            blob_id = conn.execute(
+                delete(media_objects).where(media_objects.c.key == check_key(key))
+                .returning(media_objects.c.blob_id)
+            ).scalar()
+            if blob_id is not None:
+                conn.execute(delete(media_chunks).where(media_chunks.c.blob_id == blob_id))
+
+    def keys(self, older_than: timedelta = timedelta(0)) -> Iterator[str]:
+        cutoff = datetime.now(UTC) - older_than
+        with self.engine.connect() as conn:
+            yield from conn.execute(
+                select(media_objects.c.key).where(media_objects.c.created_at <= cutoff)
+            ).scalars().all()
+
+    def sweep_incomplete(self, older_than: timedelta) -> int:
+        # Rolled-back writes leave no rows; chunks without an object only come from a delete
+        # that crashed between its statements, which one transaction rules out. Nothing to do.
+        return 0
+
+    def describe(self, key: str) -> str:
+        url = self.engine.url
+        return f"postgresql://{url.host or 'localhost'}/{url.database} media_objects[{key}]"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+class S3MediaStore(MediaStore):
+    """Objects in an S3-compatible bucket, under `prefix/ab/<key>`.
+
+    A write spools to a local temporary file (hashing as it goes, so the key is known before
+    the upload), then uploads: S3 shows an object only once its upload completes. A writer
+    that dies mid-upload leaves an incomplete multipart upload, which `sweep_incomplete` aborts.
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None,
+                 region: str | None = None):
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        # Credentials come from boto3's own chain (environment, profile, instance role).
+        self.client = boto3.client(
+            "s3", endpoint_url=endpoint_url, region_name=region,
+            config=Config(s3={"addressing_style": "path"} if endpoint_url else {},
+                          retries={"max_attempts": 5, "mode": "standard"}),
+        )
+        self.transfer = TransferConfig(multipart_threshold=8 * CHUNK_BYTES,
+                                       multipart_chunksize=8 * CHUNK_BYTES)
+
+    def name(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}{key[:2]}/{key}"
+
+    def put_chunks(self, chunks: Iterable[bytes]) -> str:
+        digest = hashlib.sha256()
+        with tempfile.SpooledTemporaryFile(max_size=8 * CHUNK_BYTES) as spool:
+            for chunk in chunks:
+                digest.update(chunk)
+                spool.write(chunk)
+            key = digest.hexdigest()
+            if not self.has(key):
+                spool.seek(0)
+                self.client.upload_fileobj(spool, self.bucket, self.name(key),
+                                           Config=self.transfer)
+        return key
+
+    def _missing(self, error) -> bool:
+        return error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+
+    def chunks(self, key: str) -> Iterator[bytes]:
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self.name(key))["Body"]
+        except ClientError as error:
+            if self._missing(error):
+                raise MediaMissing(key) from None
+            raise
+        return self._read_chunks(body)
+
+    @staticmethod
+    def _read_chunks(body) -> Iterator[bytes]:
+        with body:
+            yield from body.iter_chunks(CHUNK_BYTES)
+
+    def has(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.name(key))
+        except ClientError as error:
+            if self._missing(error):
+                return False
+            raise
+        return True
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.name(key))
+
+    def keys(self, older_than: timedelta = timedelta(0)) -> Iterator[str]:
+        cutoff = datetime.now(UTC) - older_than
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix)
+        for page in pages:
+            for item in page.get("Contents", []):
+                key = item["Key"].rsplit("/", 1)[-1]
+                if _KEY.match(key) and item["LastModified"] <= cutoff:
+                    yield key
+
+    def incomplete_uploads(self) -> list[dict]:
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.bucket, Prefix=self.prefix)
+        return [upload for page in pages for upload in page.get("Uploads", [])]
+
+    def sweep_incomplete(self, older_than: timedelta) -> int:
+        cutoff = datetime.now(UTC) - older_than
+        removed = 0
+        for upload in self.incomplete_uploads():
+            if upload["Initiated"] <= cutoff:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                   UploadId=upload["UploadId"])
+                removed += 1
+        return removed
+
+    def describe(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self.name(key)}"
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_media_store(media_url: str | None, default_root: Path) -> MediaStore:
+    """The backend MEDIA_URL names: unset or a path or file:// (a folder), postgresql://, s3://."""
+    if not media_url:
+        return FolderMediaStore(default_root)
+    parts = urlsplit(media_url)
+    scheme = parts.scheme.split("+", 1)[0]
+    if scheme in ("postgresql", "postgres"):
+        driver = parts.scheme if "+" in parts.scheme else "postgresql+psycopg"
+        return PostgresMediaStore(driver + media_url[len(parts.scheme):])
+    if scheme == "s3":
+        if not parts.netloc:
+            raise BadMediaUrl("MEDIA_URL s3://BUCKET/PREFIX needs a bucket name")
+        query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
+        return S3MediaStore(parts.netloc, parts.path, query.get("endpoint_url"),
+                            query.get("region"))
+    if scheme == "file":
+        return FolderMediaStore(Path(parts.path))
+    if scheme == "":
+        return FolderMediaStore(Path(media_url))
+    raise BadMediaUrl(
+        f"MEDIA_URL must be a folder, file://, postgresql:// or s3:// URL, not {scheme}://"
+    )

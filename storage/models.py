@@ -130,8 +130,8 @@ class Job(Base):
 class FollowUp(Base):
     """A job that continues an answered one: a follow-up question in the same conversation.
 
-    A table of its own, not a column of `jobs`: deployed databases gain new tables on start
-    (create_all) but no new columns. A first question has no row here."""
+    A table of its own, not a column of `jobs`, because it came before migrations did (when
+    deployed databases gained only new tables on start). A first question has no row here."""
 
     __tablename__ = "follow_ups"
 

@@ -1,12 +1,11 @@
-"""Storage basics: schema on first start, SQLite tuning, the content-addressed media store."""
+"""Storage basics: schema on first start, SQLite tuning, sessions, answer messages."""
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from storage.db import Database
-from storage.media import MediaMissing, MediaStore, sha256_hex
 from storage.messages import job_for_answer_message, remember_answer
-from storage.models import Base, Car, Job
+from storage.models import Car, Job
 
 
 def test_first_start_creates_schema_with_wal(tmp_path):
@@ -16,19 +15,6 @@ def test_first_start_creates_schema_with_wal(tmp_path):
         tables = set(session.execute(text("SELECT name FROM sqlite_master")).scalars())
     assert mode == "wal"
     assert {"cars", "mosaics", "tiles", "jobs", "mosaic_messages"} <= tables
-
-
-def test_a_database_from_before_follow_ups_gains_their_tables_on_start(tmp_path):
-    url = f"sqlite:///{tmp_path / 'tm.db'}"
-    old = [t for name, t in Base.metadata.tables.items()
-           if name not in ("follow_ups", "answer_messages")]
-    engine = create_engine(url)
-    Base.metadata.create_all(engine, tables=old)
-    engine.dispose()
-    db = Database.open(url)
-    with db.session() as session:
-        tables = set(session.execute(text("SELECT name FROM sqlite_master")).scalars())
-    assert {"follow_ups", "answer_messages"} <= tables
 
 
 def test_an_answer_message_leads_to_its_job_and_can_be_pointed_at_a_later_one(tmp_path):
@@ -58,26 +44,3 @@ def test_session_rolls_back_on_error(tmp_path):
         raise RuntimeError("boom")
     with db.session() as session:
         assert session.query(Car).count() == 0
-
-
-def test_media_store_is_content_addressed(tmp_path):
-    store = MediaStore(tmp_path)
-    key = store.put(b"hello")
-    assert key == sha256_hex(b"hello")
-    assert store.put(b"hello") == key
-    assert store.read(key) == b"hello"
-    assert list(tmp_path.rglob(".tmp-*")) == []
-
-
-def test_media_store_refuses_paths_as_keys(tmp_path):
-    store = MediaStore(tmp_path)
-    with pytest.raises(ValueError):
-        store.read("../../etc/passwd")
-
-
-def test_missing_media_raises_typed_error(tmp_path):
-    store = MediaStore(tmp_path)
-    key = store.put(b"gone")
-    store.delete(key)
-    with pytest.raises(MediaMissing):
-        store.read(key)

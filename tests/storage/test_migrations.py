@@ -1,0 +1,148 @@
+"""Schema migrations on SQLite and PostgreSQL: the revisions build exactly the models' tables,
+and databases made by `create_all` before migrations are adopted and upgraded with every row."""
+
+import threading
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, func, inspect, select
+
+from storage.db import Database, make_engine
+from storage.migrate import alembic_config, current_revision, head_revision, include_name
+from storage.models import (
+    AnswerMessage,
+    Base,
+    Car,
+    FollowUp,
+    Job,
+    Mosaic,
+    MosaicMessage,
+    Tile,
+)
+
+BEFORE_FOLLOW_UPS = [t for name, t in Base.metadata.tables.items()
+                     if name not in ("follow_ups", "answer_messages")]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'tm.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+def _differences(engine) -> list:
+    with engine.connect() as connection:
+        context = MigrationContext.configure(
+            connection, opts={"compare_type": True, "include_name": include_name})
+        return compare_metadata(context, Base.metadata)
+
+
+def _fill(session, with_follow_ups: bool) -> None:
+    car = Car(sha256="a" * 64, media_key="a" * 64, file_name="a.jpg", width=4, height=4,
+              byte_size=10, thumbnail=b"t", features=b"f", feature_grid=1, make="Renault")
+    mosaic = Mosaic(name="tiger", target_sha256="b" * 64, rows=1, cols=1, tile_px=8,
+                    render_media_key="c" * 64, settings={"cols": 1})
+    session.add_all([car, mosaic])
+    session.flush()
+    first = Job(platform="web", user_id="u", question="Which parts pollute?", answer="The exhaust.")
+    session.add_all([Tile(mosaic_id=mosaic.id, row=0, col=0, car_id=car.id, x0=0, y0=0, x1=8,
+                          y1=8, score=0.5),
+                     first,
+                     MosaicMessage(platform="slack", channel_id="C1", message_id="1.2",
+                                   mosaic_id=mosaic.id)])
+    session.flush()
+    if with_follow_ups:
+        later = Job(platform="web", user_id="u", question="And the tyres?")
+        session.add(later)
+        session.flush()
+        session.add_all([FollowUp(job_id=later.id, parent_job_id=first.id),
+                         AnswerMessage(platform="slack", channel_id="C1", message_id="1.3",
+                                       job_id=first.id)])
+
+
+def _counts(db: Database, models) -> dict[str, int]:
+    with db.session() as session:
+        return {model.__tablename__: session.scalar(select(func.count()).select_from(model))
+                for model in models}
+
+
+def test_the_revisions_build_exactly_the_models_tables(db_url):
+    engine = make_engine(db_url)
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "head")
+    assert _differences(engine) == []
+    engine.dispose()
+
+
+def test_a_new_database_starts_at_the_newest_revision_with_the_models_tables(db_url):
+    db = Database.open(db_url)
+    with db.engine.connect() as connection:
+        assert current_revision(connection) == head_revision()
+    assert _differences(db.engine) == []
+    db.close()
+
+
+def test_a_create_all_database_is_adopted_without_losing_rows(db_url):
+    engine = create_engine(db_url)
+    Base.metadata.create_all(engine)
+    old = Database(engine)
+    with old.session() as session:
+        _fill(session, with_follow_ups=True)
+    models = [Car, Mosaic, Tile, Job, FollowUp, MosaicMessage, AnswerMessage]
+    before = _counts(old, models)
+    old.close()
+
+    db = Database.open(db_url)
+    assert _counts(db, models) == before
+    assert all(before.values())
+    with db.engine.connect() as connection:
+        assert current_revision(connection) == head_revision()
+    assert _differences(db.engine) == []
+    db.close()
+
+
+def test_a_database_from_before_follow_ups_is_upgraded_to_them_keeping_its_rows(db_url):
+    engine = create_engine(db_url)
+    Base.metadata.create_all(engine, tables=BEFORE_FOLLOW_UPS)
+    old = Database(engine)
+    with old.session() as session:
+        _fill(session, with_follow_ups=False)
+    models = [Car, Mosaic, Tile, Job, MosaicMessage]
+    before = _counts(old, models)
+    old.close()
+
+    db = Database.open(db_url)
+    assert _counts(db, models) == before
+    assert {"follow_ups", "answer_messages"} <= set(inspect(db.engine).get_table_names())
+    assert _differences(db.engine) == []
+    with db.session() as session:
+        first = session.scalars(select(Job)).one()
+        later = Job(platform="web", user_id="u", question="And the tyres?")
+        session.add(later)
+        session.flush()
+        session.add(FollowUp(job_id=later.id, parent_job_id=first.id))
+    db.close()
+
+
+def test_hosts_starting_together_migrate_once(db_url):
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            Database.open(db_url).close()
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    starters = [threading.Thread(target=start) for _ in range(4)]
+    for starter in starters:
+        starter.start()
+    for starter in starters:
+        starter.join()
+    assert errors == []
+    engine = make_engine(db_url)
+    with engine.connect() as connection:
+        assert current_revision(connection) == head_revision()
+    engine.dispose()
