@@ -55,3 +55,23 @@ def tile_at(db: Session | Connection, mosaic_id: int, row: int, col: int) -> Row
     """The tile at (row, col) with its car's columns (car_id None if the car was deleted)."""
     params = {"mosaic_id": mosaic_id, "row": row, "col": col}
     return db.execute(_TILE_AT, params).mappings().one()
+
+
+def tile_cars(db: Session | Connection, mosaic_id: int) -> list[tuple[int | None, str | None]]:
+    """(car id, original photo's media key) of every tile in row-major order; (None, None) where
+    the car was removed from the library."""
+    query = (
+        select(Tile.car_id, Car.media_key)
+        .outerjoin(Car, Car.id == Tile.car_id)
+        .where(Tile.mosaic_id == mosaic_id)
+        .order_by(Tile.row, Tile.col)
+    )
+    return [(car_id, media_key) for car_id, media_key in db.execute(query)]
+
+
+def set_mosaic_setting(session: Session, mosaic_id: int, name: str, value: dict) -> None:
+    """One entry of the mosaic's settings JSON (e.g. its pyramid), the others kept."""
+    mosaic = session.get(Mosaic, mosaic_id)
+    if mosaic is not None:
+        # A new dict: SQLAlchemy sees a JSON column change only when the value is replaced.
+        mosaic.settings = {**(mosaic.settings or {}), name: value}
