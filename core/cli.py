@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_library_commands(commands)
     add_mosaic_commands(commands)
     add_ask_command(commands)
+    add_db_commands(commands)
     return parser
 
 
@@ -320,6 +321,51 @@ def ask_command(ctx: AppContext, args: argparse.Namespace) -> int:
     print(answer.text)
     stages = [(key[:-2], value) for key, value in answer.timings.items() if key.endswith("_s")]
     print("Timings: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in stages))
+    return 0
+
+
+# db ------------------------------------------------------------------------------------------
+
+
+def add_db_commands(commands) -> None:
+    db = commands.add_parser("db", help="the database schema and the media store's leftovers")
+    actions = db.add_subparsers(dest="action", required=True, metavar="ACTION")
+    upgrade = actions.add_parser(
+        "upgrade", help="migrate the schema to the newest revision (also done on every start)"
+    )
+    upgrade.set_defaults(handler=db_upgrade)
+    sweep = actions.add_parser(
+        "sweep", help="remove half-written media and media no mosaic, photo or question uses"
+    )
+    sweep.add_argument("--older-than", type=float, metavar="MINUTES",
+                       help="spare leftovers younger than this (default MEDIA_SWEEP_AFTER_MIN)")
+    sweep.add_argument("--dry-run", action="store_true", help="count, remove nothing")
+    sweep.set_defaults(handler=db_sweep)
+
+
+def db_upgrade(ctx: AppContext, args: argparse.Namespace) -> int:
+    from storage.migrate import current_revision, head_revision
+
+    # AppContext.open has migrated already; this says where the schema now is.
+    with ctx.db.engine.connect() as connection:
+        revision = current_revision(connection)
+    print(f"Database schema at revision {revision} (newest: {head_revision()}).")
+    return 0
+
+
+def db_sweep(ctx: AppContext, args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from storage.sweep import sweep_media
+
+    minutes = ctx.settings.media_sweep_after_min if args.older_than is None else args.older_than
+    if minutes < 0:
+        print("error: --older-than is a number of minutes, 0 or more.", file=sys.stderr)
+        return 1
+    report = sweep_media(ctx.db, ctx.media, timedelta(minutes=minutes), dry_run=args.dry_run)
+    verb = "Would remove" if args.dry_run else "Removed"
+    print(f"{verb} {report.orphans} unused media objects ({report.orphan_bytes / 1e6:.1f} MB) "
+          f"and {report.incomplete} half-written ones older than {minutes:g} min.")
     return 0
 
 

@@ -93,12 +93,17 @@ class MediaStore:
     def delete(self, key: str) -> None:
         raise NotImplementedError
 
+    def size(self, key: str) -> int:
+        raise NotImplementedError
+
     def keys(self, older_than: timedelta = timedelta(0)) -> Iterator[str]:
         """Keys of objects stored at least `older_than` ago (a sweep spares fresh writes)."""
         raise NotImplementedError
 
-    def sweep_incomplete(self, older_than: timedelta) -> int:
-        """Removes what crashed writers left behind; returns how many leftovers went."""
+    def sweep_incomplete(self, older_than: timedelta, thorough: bool = False) -> int:
+        """Removes what crashed writers left behind; returns how many leftovers went.
+
+        Cheap enough for every start; `thorough` also looks where older versions wrote."""
         raise NotImplementedError
 
     def describe(self, key: str) -> str:
@@ -168,16 +173,23 @@ class FolderMediaStore(MediaStore):
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
 
+    def size(self, key: str) -> int:
+        try:
+            return self.path(key).stat().st_size
+        except FileNotFoundError:
+            raise MediaMissing(key) from None
+
     def keys(self, older_than: timedelta = timedelta(0)) -> Iterator[str]:
         cutoff = time.time() - older_than.total_seconds()
         for path in self.root.glob("??/??/*"):
             if _KEY.match(path.name) and path.stat().st_mtime <= cutoff:
                 yield path.name
 
-    def sweep_incomplete(self, older_than: timedelta) -> int:
+    def sweep_incomplete(self, older_than: timedelta, thorough: bool = False) -> int:
         cutoff = time.time() - older_than.total_seconds()
-        # Writers before .incoming left their temporaries beside the target.
-        leftovers = [*self.incoming.glob(".tmp-*"), *self.root.glob("??/??/.tmp-*")]
+        leftovers = list(self.incoming.glob(".tmp-*"))
+        if thorough:  # writers before .incoming left their temporaries beside the target
+            leftovers += self.root.glob("??/??/.tmp-*")
         removed = 0
         for path in leftovers:
             try:
@@ -283,6 +295,14 @@ class PostgresMediaStore(MediaStore):
             if blob_id is not None:
                 conn.execute(delete(media_chunks).where(media_chunks.c.blob_id == blob_id))
 
+    def size(self, key: str) -> int:
+        with self.engine.connect() as conn:
+            size = conn.execute(select(media_objects.c.byte_size)
+                                .where(media_objects.c.key == check_key(key))).scalar()
+        if size is None:
+            raise MediaMissing(key)
+        return size
+
     def keys(self, older_than: timedelta = timedelta(0)) -> Iterator[str]:
         cutoff = datetime.now(UTC) - older_than
         with self.engine.connect() as conn:
@@ -290,7 +310,7 @@ class PostgresMediaStore(MediaStore):
                 select(media_objects.c.key).where(media_objects.c.created_at <= cutoff)
             ).scalars().all()
 
-    def sweep_incomplete(self, older_than: timedelta) -> int:
+    def sweep_incomplete(self, older_than: timedelta, thorough: bool = False) -> int:
         # Rolled-back writes leave no rows; chunks without an object only come from a delete
         # that crashed between its statements, which one transaction rules out. Nothing to do.
         return 0
@@ -364,16 +384,24 @@ class S3MediaStore(MediaStore):
         with body:
             yield from body.iter_chunks(CHUNK_BYTES)
 
-    def has(self, key: str) -> bool:
+    def _head(self, key: str) -> dict | None:
         from botocore.exceptions import ClientError
 
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self.name(key))
+            return self.client.head_object(Bucket=self.bucket, Key=self.name(key))
         except ClientError as error:
             if self._missing(error):
-                return False
+                return None
             raise
-        return True
+
+    def has(self, key: str) -> bool:
+        return self._head(key) is not None
+
+    def size(self, key: str) -> int:
+        head = self._head(key)
+        if head is None:
+            raise MediaMissing(key)
+        return head["ContentLength"]
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.name(key))
@@ -393,7 +421,7 @@ class S3MediaStore(MediaStore):
             Bucket=self.bucket, Prefix=self.prefix)
         return [upload for page in pages for upload in page.get("Uploads", [])]
 
-    def sweep_incomplete(self, older_than: timedelta) -> int:
+    def sweep_incomplete(self, older_than: timedelta, thorough: bool = False) -> int:
         cutoff = datetime.now(UTC) - older_than
         removed = 0
         for upload in self.incomplete_uploads():

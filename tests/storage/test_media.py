@@ -40,6 +40,7 @@ def test_a_large_object_streams_in_and_out_in_bounded_chunks(store):
     assert max(len(chunk) for chunk in chunks) <= CHUNK_BYTES
     assert b"".join(chunks) == data
     assert store.read(key) == data
+    assert store.size(key) == len(data)
 
 
 def test_an_empty_object_round_trips(store):
