@@ -12,17 +12,28 @@ from importlib.resources import files
 
 from aiohttp import web
 
+from bot.tilecache import CachedTile, TileCache
+from bot.webinput import path_coordinate, path_id, plain_errors, query_number
+from bot.websession import asker_id, session_middlewares, viewer_id
 from core.context import AppContext
 from core.errors import UnknownMosaic, UserError
-from core.gallery import TileLookup, list_mosaics, mosaic_by_id, render_bytes, tile_lookup
+from core.gallery import list_mosaics, mosaic_by_id, render_bytes, tile_lookup
 from core.images import image_content_type, jpeg_at_width
-from core.mosaic import format_coordinate
+from core.mosaic import format_coordinate, parse_coordinate
 from core.worker import JobQueue
 from storage.models import Job, Mosaic
 
 CTX = web.AppKey("ctx", AppContext)
 QUEUE = web.AppKey("queue", JobQueue)
+TILES = web.AppKey("tiles", TileCache)
 MAX_VIEW_WIDTH = 4096
+# 500 browsers opening a mosaic at once must not find the accept queue full (SYNs dropped and
+# retried a second later); the kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
+NO_MOSAIC = "There is no such mosaic."
+NO_QUESTION = "There is no such question."
+# A tile's photo URL always shows the same photo; its JSON may change if the car is relabelled.
+PHOTO_CACHING = "public, max-age=31536000, immutable"
 
 
 @cache
@@ -47,10 +58,7 @@ def _mosaic_json(mosaic: Mosaic) -> dict:
 
 
 def _mosaic_from(request: web.Request) -> Mosaic:
-    try:
-        mosaic_id = int(request.match_info["mosaic_id"])
-    except ValueError:
-        raise web.HTTPNotFound(text="There is no such mosaic.") from None
+    mosaic_id = path_id(request, "mosaic_id", NO_MOSAIC)
     try:
         return mosaic_by_id(request.app[CTX], mosaic_id)
     except UnknownMosaic as error:
@@ -96,55 +104,67 @@ async def render(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     mosaic = await asyncio.to_thread(_mosaic_from, request)
     data = await asyncio.to_thread(render_bytes, ctx, mosaic)
-    width = request.query.get("w")
+    width = query_number(
+        request, "w", 16, MAX_VIEW_WIDTH, f"w must be a width between 16 and {MAX_VIEW_WIDTH}."
+    )
     if width is None:
         return web.Response(body=data, content_type=image_content_type(data))
-    if not width.isdigit() or not 16 <= int(width) <= MAX_VIEW_WIDTH:
-        raise web.HTTPBadRequest(text=f"w must be a width between 16 and {MAX_VIEW_WIDTH}.")
-    scaled = await asyncio.to_thread(_scaled, data, int(width))
+    scaled = await asyncio.to_thread(_scaled, data, width)
     return web.Response(body=scaled, content_type="image/jpeg")
 
 
-async def _lookup(request: web.Request) -> TileLookup:
-    ctx = request.app[CTX]
-    mosaic = await asyncio.to_thread(_mosaic_from, request)
+async def _tile(request: web.Request) -> CachedTile:
+    """The tile named in the path, from memory when it was looked up before: a hit touches
+    neither the database nor a thread."""
+    ctx, tiles = request.app[CTX], request.app[TILES]
+    coordinate = path_coordinate(request)
+    mosaic = tiles.mosaic(path_id(request, "mosaic_id", NO_MOSAIC))
+    if mosaic is None:
+        mosaic = await asyncio.to_thread(_mosaic_from, request)
+        tiles.keep_mosaic(mosaic)
     try:
-        return await asyncio.to_thread(tile_lookup, ctx, mosaic, request.match_info["coord"])
+        key = (mosaic.id, *parse_coordinate(coordinate, mosaic.rows, mosaic.cols))
+        if (tile := tiles.tile(key)) is not None:
+            return tile
+        found = await asyncio.to_thread(tile_lookup, ctx, mosaic, coordinate)
     except UserError as error:
         raise web.HTTPBadRequest(text=str(error)) from None
+    tile = CachedTile.of(found, mosaic.id)
+    tiles.keep_tile(key, tile)
+    return tile
+
+
+def _cacheable(
+    request: web.Request, body: bytes, content_type: str, etag: str, caching: str
+) -> web.Response:
+    """The body with its ETag, or 304 Not Modified when the browser already holds it."""
+    headers = {"ETag": etag, "Cache-Control": caching}
+    if request.headers.get("If-None-Match") == etag:
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=body, content_type=content_type, headers=headers)
 
 
 async def api_tile(request: web.Request) -> web.Response:
-    found = await _lookup(request)
-    return web.json_response(
-        {
-            "label": found.label,
-            "row": found.row,
-            "col": found.col,
-            "car": found.car_info,
-            "is_original": found.is_original,
-            "note": found.note,
-            "photo": f"{request.path}/photo",
-        }
-    )
+    tile = await _tile(request)
+    return _cacheable(request, tile.json_body, "application/json", tile.json_etag, "no-cache")
 
 
 async def tile_photo(request: web.Request) -> web.Response:
-    found = await _lookup(request)
-    return web.Response(body=found.image_bytes, content_type=found.content_type)
+    tile = await _tile(request)
+    return _cacheable(request, tile.photo, tile.photo_type, tile.photo_etag, PHOTO_CACHING)
 
 
 async def ask_about_tile(request: web.Request) -> web.Response:
     queue = request.app.get(QUEUE)
     if queue is None:
         raise web.HTTPServiceUnavailable(text="Questions are not taken on this gallery right now.")
-    found = await _lookup(request)
+    tile = await _tile(request)
     form = await request.post()
     question = str(form.get("question", ""))
-    user = f"web:{request.remote}"
+    user = await asker_id(request)
     try:
         job = await asyncio.to_thread(
-            queue.submit, "web", user, {"tile": found.label}, found.image_bytes, question
+            queue.submit, "web", user, {"tile": tile.label}, tile.photo, question
         )
     except UserError as error:
         raise web.HTTPBadRequest(text=str(error)) from None
@@ -152,17 +172,16 @@ async def ask_about_tile(request: web.Request) -> web.Response:
 
 
 async def _web_job(request: web.Request) -> tuple[JobQueue, Job]:
-    """The queue and the gallery's own job named in the path; 404 for any other."""
+    """The queue and the job named in the path if this browser session asked it; 404 for any
+    other, so counting through ids shows nobody else's questions."""
     queue = request.app.get(QUEUE)
-    if queue is None:
-        raise web.HTTPNotFound(text="There is no such question.")
-    try:
-        job_id = int(request.match_info["job_id"])
-    except ValueError:
-        raise web.HTTPNotFound(text="There is no such question.") from None
+    job_id = path_id(request, "job_id", NO_QUESTION)
+    viewer = await viewer_id(request)
+    if queue is None or viewer is None:
+        raise web.HTTPNotFound(text=NO_QUESTION)
     job = await asyncio.to_thread(queue.get, job_id)
-    if job is None or job.platform != "web":
-        raise web.HTTPNotFound(text="There is no such question.")
+    if job is None or job.platform != "web" or job.user_id != viewer:
+        raise web.HTTPNotFound(text=NO_QUESTION)
     return queue, job
 
 
@@ -171,7 +190,7 @@ async def ask_follow_up(request: web.Request) -> web.Response:
     queue, parent = await _web_job(request)
     form = await request.post()
     question = str(form.get("question", ""))
-    user = f"web:{request.remote}"
+    user = await asker_id(request)
     try:
         job = await asyncio.to_thread(partial(
             queue.submit, "web", user, dict(parent.reply_to or {}), None, question,
@@ -208,8 +227,14 @@ async def security_headers(request: web.Request, handler):
 
 
 def make_gallery_app(ctx: AppContext, queue: JobQueue | None = None) -> web.Application:
-    app = web.Application(middlewares=[security_headers], client_max_size=64 * 1024)
+    app = web.Application(
+        middlewares=[security_headers, plain_errors, *session_middlewares(ctx.settings)],
+        client_max_size=64 * 1024,
+    )
     app[CTX] = ctx
+    app[TILES] = TileCache(
+        int(ctx.settings.gallery_tile_cache_mb * 1024 * 1024), ctx.settings.gallery_tile_cache_ttl_s
+    )
     if queue is not None:
         app[QUEUE] = queue
     app.add_routes(
@@ -239,7 +264,7 @@ async def start_gallery(
     runner = web.AppRunner(make_gallery_app(ctx, queue), access_log=None)
     await runner.setup()
     port = ctx.settings.gallery_port if port is None else port
-    site = web.TCPSite(runner, host or ctx.settings.gallery_host, port)
+    site = web.TCPSite(runner, host or ctx.settings.gallery_host, port, backlog=LISTEN_BACKLOG)
     await site.start()
     return runner
 

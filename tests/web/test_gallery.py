@@ -17,6 +17,7 @@ from core.library import add_car_photo
 from core.mosaic import MosaicOptions, build_mosaic
 from core.worker import AnswerResult, JobQueue, Worker
 from tests.bot.conftest import car_at
+from tests.web.browsing import gallery_browser
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -157,7 +158,7 @@ async def test_asking_about_a_tile_queues_a_job_and_shows_the_answer(ctx, mosaic
     runner = await start_gallery(ctx, "127.0.0.1", 0, queue=queue)
     base = f"http://127.0.0.1:{bound_port(runner)}/api"
     try:
-        async with aiohttp.ClientSession() as http:
+        async with gallery_browser(base.removesuffix("/api")) as http:
             ask = f"{base}/mosaics/{mosaic.id}/tiles/C2/ask"
             async with http.post(ask, data={"question": "What pollutes?"}) as response:
                 job = await response.json()
@@ -200,7 +201,7 @@ async def test_a_follow_up_asks_about_the_same_car_with_the_earlier_turns(
     answers = NumberedAnswers()
     worker = Worker(ctx, answers, poll_s=0.01)
     base = f"{asking_gallery}/api"
-    async with aiohttp.ClientSession() as http:
+    async with gallery_browser(asking_gallery) as http:
         ask = f"{base}/mosaics/{mosaic.id}/tiles/C2/ask"
         async with http.post(ask, data={"question": "What pollutes?"}) as response:
             first = (await response.json())["job"]
@@ -220,7 +221,7 @@ async def test_a_follow_up_to_an_unanswered_question_is_one_sentence(
     ctx, mosaic, asking_gallery
 ):
     base = f"{asking_gallery}/api"
-    async with aiohttp.ClientSession() as http:
+    async with gallery_browser(asking_gallery) as http:
         ask = f"{base}/mosaics/{mosaic.id}/tiles/C2/ask"
         async with http.post(ask, data={"question": "What pollutes?"}) as response:
             waiting = (await response.json())["job"]
@@ -238,7 +239,7 @@ async def test_a_follow_up_to_an_unanswered_question_is_one_sentence(
 async def test_a_follow_up_to_a_chat_question_is_not_found(ctx, mosaic, asking_gallery):
     chat = JobQueue(ctx).submit("discord", "alice", {}, None, "Which fuel?")
     await Worker(ctx, NumberedAnswers()).run_once()
-    async with aiohttp.ClientSession() as http:
+    async with gallery_browser(asking_gallery) as http:
         url = f"{asking_gallery}/api/jobs/{chat.job_id}/follow-up"
         async with http.post(url, data={"question": "And?"}) as response:
             assert response.status == 404
