@@ -2,6 +2,7 @@
 plus builders for the raw gateway payloads (INTERACTION_CREATE, MESSAGE_CREATE) fed to a client.
 """
 
+import contextlib
 import itertools
 import json
 import time
@@ -34,11 +35,16 @@ def user_payload(user_id: int = USER_ID, name: str = "alice", bot: bool = False)
             "avatar": None, "bot": bot}
 
 
-def attachment_payload(base_url: str, name: str, data_size: int, content_type: str) -> dict:
-    attachment_id = snowflake()
-    return {"id": attachment_id, "filename": name, "size": data_size,
-            "url": f"{base_url}/cdn/{name}", "proxy_url": f"{base_url}/cdn/{name}",
-            "content_type": content_type, "width": 100, "height": 100}
+def attachment_payload(
+    base_url: str, name: str, data_size: int, content_type: str | None
+) -> dict:
+    """An attachment; Discord leaves content_type out when it could not tell (None)."""
+    attachment = {"id": snowflake(), "filename": name, "size": data_size,
+                  "url": f"{base_url}/cdn/{name}", "proxy_url": f"{base_url}/cdn/{name}",
+                  "width": 100, "height": 100}
+    if content_type is not None:
+        attachment["content_type"] = content_type
+    return attachment
 
 
 def message_payload(
@@ -66,21 +72,58 @@ def message_payload(
     return payload
 
 
-def interaction_payload(data: dict, *, limit: int = 10 * 1024 * 1024) -> dict:
-    """An application-command INTERACTION_CREATE in a guild text channel."""
-    return {
-        "id": snowflake(), "application_id": str(APP_ID), "type": 2, "data": data,
+APPLICATION_COMMAND, MESSAGE_COMPONENT, AUTOCOMPLETE, MODAL_SUBMIT = 2, 3, 4, 5
+# Interaction callback types (what the bot answered with).
+CHANNEL_MESSAGE, DEFERRED_UPDATE, AUTOCOMPLETE_RESULT, MODAL = 4, 6, 8, 9
+BUTTON, TEXT_INPUT, LABEL = 2, 4, 18
+
+
+def interaction_payload(
+    data: dict, *, limit: int = 10 * 1024 * 1024, kind: int = APPLICATION_COMMAND,
+    user: dict | None = None, message: dict | None = None,
+) -> dict:
+    """An INTERACTION_CREATE in a guild text channel: an application command by default; a
+    component interaction or a modal submit carries the message it came from."""
+    payload = {
+        "id": snowflake(), "application_id": str(APP_ID), "type": kind, "data": data,
         "guild_id": str(GUILD_ID), "channel_id": str(CHANNEL_ID),
         "channel": {"id": str(CHANNEL_ID), "type": 0, "guild_id": str(GUILD_ID),
                     "name": "mosaics", "position": 0, "permission_overwrites": [],
                     "nsfw": False, "parent_id": None},
-        "member": {"user": user_payload(), "roles": [], "joined_at": "2026-01-01T00:00:00+00:00",
+        "member": {"user": user or user_payload(), "roles": [],
+                   "joined_at": "2026-01-01T00:00:00+00:00",
                    "deaf": False, "mute": False, "permissions": "2147483647", "flags": 0},
         "token": f"interaction-token-{snowflake()}", "version": 1, "locale": "en-US",
         "guild_locale": "en-US", "app_permissions": "2147483647", "entitlements": [],
         "authorizing_integration_owners": {"0": str(GUILD_ID)}, "context": 0,
         "attachment_size_limit": limit,
     }
+    if message is not None:
+        payload["message"] = message
+    return payload
+
+
+def button_data(message: dict, label: str) -> dict:
+    """The data of a click on the button labelled `label` of a message the bot posted."""
+    buttons = [c for row in message.get("components", []) for c in row["components"]
+               if c["type"] == BUTTON]
+    [button] = [b for b in buttons if b.get("label") == label]
+    return {"custom_id": button["custom_id"], "component_type": BUTTON}
+
+
+def labels(message: dict) -> list[str]:
+    return [c.get("label") for row in message.get("components", []) for c in row["components"]]
+
+
+def modal_submit_data(modal: dict, *values: str) -> dict:
+    """The data of a modal submit: each text input of the modal the bot opened, filled in."""
+    inputs = [row["component"] for row in modal["components"] if row["type"] == LABEL]
+    return {"custom_id": modal["custom_id"], "components": [
+        {"type": LABEL, "id": index + 1, "component": {
+            "type": TEXT_INPUT, "id": index + 10, "custom_id": text_input["custom_id"],
+            "value": value}}
+        for index, (text_input, value) in enumerate(zip(inputs, values, strict=True))
+    ]}
 
 
 def slash(group: str | None, name: str, options: list[dict], resolved: dict | None = None) -> dict:
@@ -119,22 +162,34 @@ class DiscordStandIn(RecordingServer):
     def __init__(self):
         super().__init__()
         self.calls: list[Call] = []
-        self.cdn: dict[str, tuple[bytes, str]] = {}
+        self.cdn: dict[str, tuple[bytes, str, bool]] = {}
+        # One id per interaction's original response and per posted message, as Discord keeps.
+        self.originals: dict[str, str] = {}
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/cdn/{name}", self._cdn)
         app.router.add_route("*", "/api/v10/{tail:.*}", self._api)
 
-    def serve_file(self, name: str, data: bytes, content_type: str) -> None:
-        self.cdn[name] = (data, content_type)
+    def serve_file(self, name: str, data: bytes, content_type: str, chunked: bool = False) -> None:
+        """Serve bytes on the CDN, with a Content-Length or chunked (no length announced)."""
+        self.cdn[name] = (data, content_type, chunked)
 
     def api(self, method: str, fragment: str = "") -> list[Call]:
         return [c for c in self.calls if c.method == method and fragment in c.path]
 
     async def _cdn(self, request: web.Request) -> web.Response:
         self._record(Call("GET", request.path, dict(request.query), None, []))
-        data, content_type = self.cdn[request.match_info["name"]]
-        return web.Response(body=data, content_type=content_type)
+        data, content_type, chunked = self.cdn[request.match_info["name"]]
+        if not chunked:
+            return web.Response(body=data, content_type=content_type)
+        response = web.StreamResponse(headers={"Content-Type": content_type})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            for start in range(0, len(data), 16 * 1024):
+                await response.write(data[start : start + 16 * 1024])
+            await response.write_eof()
+        return response
 
     async def _api(self, request: web.Request) -> web.Response:
         payload, files = None, []
@@ -183,4 +238,11 @@ class DiscordStandIn(RecordingServer):
             attachments=attachments, flags=int(payload.get("flags") or 0),
         )
         message["webhook_id"] = str(APP_ID) if path.startswith("/webhooks") else None
+        message["components"] = payload.get("components") or []
+        if payload.get("embeds"):
+            message["embeds"] = payload["embeds"]
+        if path.endswith("/messages/@original"):
+            message["id"] = self.originals.setdefault(path, message["id"])
+        elif method == "PATCH":
+            message["id"] = path.rsplit("/", 1)[1]
         return message

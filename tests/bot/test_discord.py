@@ -11,7 +11,7 @@ import discord
 import pytest
 from discord.utils import time_snowflake
 
-from bot.discord_bot import TalkMosaicBot
+from bot.discord_bot import DEFAULT_QUESTION, TalkMosaicBot
 from core.mosaic import preview_image
 from storage.messages import job_for_answer_message, mosaic_for_message
 from storage.models import FollowUp, Job
@@ -26,6 +26,7 @@ from tests.bot.discord_stand_in import (
     DiscordStandIn,
     attachment_payload,
     interaction_payload,
+    labels,
     message_payload,
     slash,
     snowflake,
@@ -72,6 +73,19 @@ def channel_posts(stand_in: DiscordStandIn, at_least: int = 1) -> list:
     return posts if len(posts) >= at_least else []
 
 
+def original_with_files(stand_in: DiscordStandIn, token: str):
+    """The edit that turned an interaction's deferred response into a message with files."""
+    edits = [c for c in webhook_calls(stand_in, token)
+             if c.method == "PATCH" and c.path.endswith("/messages/@original") and c.files]
+    return edits[-1] if edits else None
+
+
+def answer_text(call) -> str:
+    """An answer's text: the description of the embed the bot posted."""
+    [embed] = call.payload["embeds"]
+    return embed["description"]
+
+
 def assert_acknowledged_first(stand_in: DiscordStandIn, token: str, dispatched: float) -> None:
     """The interaction's first call is the deferral, within 3 s, before any download."""
     calls = webhook_calls(stand_in, token)
@@ -95,7 +109,7 @@ async def show_mosaic(bot, stand_in) -> tuple[str, object]:
 async def test_login_syncs_the_commands_globally_without_a_guild(bot, stand_in):
     assert stand_in.api("PUT", f"/applications/{APP_ID}/commands")
     names = {command.name for command in bot.tree.get_commands()}
-    assert names == {"mosaic", "ask", "Ask TalkMosaic"}
+    assert names == {"mosaic", "ask", "help", "Ask TalkMosaic"}
 
 
 async def test_guild_sync_in_development(stand_in, commands, updates):
@@ -143,10 +157,11 @@ async def test_build_downloads_the_target_after_deferring_and_attaches_the_mosai
         resolved={"attachments": {attachment["id"]: attachment}},
     )
     token, dispatched = dispatch_interaction(bot, data)
-    [posted] = await stand_in.wait_for(lambda _: followups(stand_in, token))
+    posted = await stand_in.wait_for(lambda _: original_with_files(stand_in, token))
     assert_acknowledged_first(stand_in, token, dispatched)
     assert posted.content.startswith("Built owl: 8x8 tiles")
     assert posted.files and posted.files[0][1][:3] == b"\xff\xd8\xff"
+    assert labels(posted.payload) == ["Pick a tile", "Random tile"]
 
 
 async def test_replying_c7_to_a_mosaic_returns_that_cars_photo(bot, stand_in, ctx, mosaic):
@@ -246,7 +261,7 @@ async def test_ask_posts_the_queue_position_then_the_answer(
              if c.method == "PATCH" and c.path.endswith("/messages/@original")]
     assert "next in line" in edits[0].content or "in the queue" in edits[0].content
     assert edits[0].at < answer.at
-    assert answer.content == "Fake answer to: Which parts of this car pollute?"
+    assert answer_text(answer) == "Fake answer to: Which parts of this car pollute?"
 
 
 async def test_ask_refuses_a_file_that_is_not_an_image(bot, stand_in, worker):
@@ -284,7 +299,7 @@ async def test_context_menu_asks_about_the_photo_in_a_message(
     token, dispatched = dispatch_interaction(bot, data)
     [answer] = await stand_in.wait_for(lambda _: followups(stand_in, token))
     assert_acknowledged_first(stand_in, token, dispatched)
-    assert answer.content == "Fake answer to: what emission standard does it meet?"
+    assert answer_text(answer) == "Fake answer to: what emission standard does it meet?"
 
 
 async def test_a_photo_with_a_question_mentioning_the_bot_is_queued_and_answered(
@@ -295,7 +310,7 @@ async def test_a_photo_with_a_question_mentioning_the_bot_is_queued_and_answered
     bot._connection.parse_message_create(asked)
     status, answer = await stand_in.wait_for(lambda _: channel_posts(stand_in, at_least=2))
     assert "next in line" in status.content or "in the queue" in status.content
-    assert answer.content == "Fake answer to: what tyre should I buy?"
+    assert answer_text(answer) == "Fake answer to: what tyre should I buy?"
     assert str(answer.payload["message_reference"]["message_id"]) == asked["id"]
 
 
@@ -307,15 +322,13 @@ async def test_a_file_that_is_not_an_image_mentioning_the_bot_is_one_sentence(bo
     assert not [c for c in stand_in.calls if c.path.startswith("/cdn/")]
 
 
-async def test_a_photo_mentioning_the_bot_without_a_question_asks_for_one(
-    bot, stand_in, ctx, vehicle_photos
+async def test_a_photo_mentioning_the_bot_without_a_question_asks_the_default_one(
+    bot, stand_in, worker, vehicle_photos
 ):
     photo = served_attachment(stand_in, vehicle_photos[2].read_bytes())
     bot._connection.parse_message_create(mentioning_the_bot("", [photo]))
-    [reply] = await stand_in.wait_for(lambda _: channel_posts(stand_in))
-    assert reply.content.startswith("Please ask a question about the photo")
-    with ctx.db.session() as session:
-        assert session.query(Job).count() == 0
+    _status, answer = await stand_in.wait_for(lambda _: channel_posts(stand_in, at_least=2))
+    assert answer_text(answer) == f"Fake answer to: {DEFAULT_QUESTION}"
 
 
 async def test_messages_from_bots_are_ignored(bot, stand_in, mosaic):
@@ -335,7 +348,8 @@ async def test_an_answer_after_the_interaction_token_expired_goes_to_the_channel
     payload["id"] = str(time_snowflake(datetime.now(UTC) - timedelta(minutes=16)))
     bot._connection.parse_interaction_create(payload)
     [answer] = await stand_in.wait_for(lambda _: channel_posts(stand_in))
-    assert answer.content == f"<@{USER_ID}> Fake answer to: Which fuel?"
+    assert answer.content == f"<@{USER_ID}>"
+    assert answer_text(answer) == "Fake answer to: Which fuel?"
     assert not followups(stand_in, payload["token"])
 
 
@@ -396,7 +410,7 @@ async def test_a_reply_to_the_bots_answer_is_a_follow_up_about_the_same_photo(
     posts = await stand_in.wait_for(lambda _: channel_posts(stand_in, at_least=4))
     status, second_answer = posts[2], posts[3]
     assert "next in line" in status.content or "in the queue" in status.content
-    assert second_answer.content == "Fake answer to: and how long do they last?"
+    assert answer_text(second_answer) == "Fake answer to: and how long do they last?"
     assert str(second_answer.payload["message_reference"]["message_id"]) == follow_up["id"]
     second = await remembered_answer(ctx, second_answer.response["id"])
     assert follow_up_of(ctx, second) == first
@@ -417,7 +431,7 @@ async def test_the_answer_to_a_slash_command_can_be_followed_up(
         message_payload("is it a hybrid?", reference=answer.response["id"])
     )
     _status, second_answer = await stand_in.wait_for(lambda _: channel_posts(stand_in, 2))
-    assert second_answer.content == "Fake answer to: is it a hybrid?"
+    assert answer_text(second_answer) == "Fake answer to: is it a hybrid?"
     assert follow_up_of(ctx, await remembered_answer(ctx, second_answer.response["id"])) == first
 
 
