@@ -33,7 +33,8 @@ def _head_changes(module, query, key, value, dense, scale, config) -> dict[Head,
     layer = getattr(module, "layer_idx", 0) or 0
     n, kv_heads = query.shape[2], key.shape[1]
     group, dim = query.shape[1] // kv_heads, query.shape[-1]
-    keep = sample_blocks(config, n, n, heads=kv_heads, layer=layer)
+    config = config.on(query.device.type)
+    keep = sample_blocks(config, n, n, heads=kv_heads, layer=layer, device=query.device)
     sparse = masked_sdpa(query, key, value, keep, config.block_size, scale=scale)
     # (b * n, heads * d): the layout the output projection reads.
     flat = [t.reshape(-1, query.shape[1] * dim) for t in (dense, sparse.transpose(1, 2))]

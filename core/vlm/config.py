@@ -3,7 +3,7 @@
 Kept free of torch so the bot's settings can embed them without importing a model stack.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -14,7 +14,10 @@ class PrBlockConfig:
     token ranges. Others kept with probability min(1, alpha / (d - window + 1) ** beta).
     """
 
-    block_size: int = 64
+    # Tokens per block; None: the device's own (`block_size_on`): 64 on a CPU, where the band
+    # kernel measured best, and 128 on a GPU, the tile compiled FlexAttention needs there
+    # (inductor's default kernels for head_dim 64 and 128 tile 128 x 64 and refuse 64-blocks).
+    block_size: int | None = None
     # 8 blocks (512 tokens) of window plus SmolLM2's 4 calibrated dense heads: perplexity
     # within 4.4-5.0% at 4k tokens over 5 seeds and 4 texts, the op 2.2x faster than SDPA
     # (bench/results/attention-cpu.txt). With no dense heads, 8 blocks cost 6.6% and 12 blocks
@@ -37,9 +40,17 @@ class PrBlockConfig:
     # most (`core.vlm.calibrate`). None: the heads calibrated for the model when TalkMosaic
     # ships them (SmolLM2-135M, see core.vlm.loader), else none. (): every head is sampled.
     dense_heads: tuple[tuple[int, int], ...] | None = None
+    # Protected tokens (image spans) always attended, at most: a larger span keeps an evenly
+    # spaced share of its blocks that fits, and the rest are sampled by distance like text, so
+    # an image-heavy prompt (15k image tokens in 16k) is not computed densely.
+    protected_budget: int = 4096
+    # Prompt lengths are padded up to one of these (then to multiples of the last) for compiled
+    # FlexAttention: one compile per bucket, warmed at load, instead of one per length.
+    buckets: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
     def __post_init__(self) -> None:
-        if self.block_size < 1 or self.window < 1 or self.sinks < 0:
+        too_small = self.block_size is not None and self.block_size < 1
+        if too_small or self.window < 1 or self.sinks < 0:
             raise ValueError(
                 f"block_size and window must be 1 or more and sinks 0 or more, not "
                 f"{self.block_size}, {self.window} and {self.sinks}: a query always sees its "
@@ -48,6 +59,24 @@ class PrBlockConfig:
         if self.dense_heads is not None:
             pairs = tuple((int(layer), int(head)) for layer, head in self.dense_heads)
             object.__setattr__(self, "dense_heads", pairs)
+        if not self.buckets or self.protected_budget < 0:
+            raise ValueError("buckets must list a length and protected_budget be 0 or more")
+        object.__setattr__(self, "buckets", tuple(sorted(int(b) for b in self.buckets)))
+
+    def block_size_on(self, device_type: str = "cpu") -> int:
+        """The block size used on a device type ("cpu", "cuda", ...)."""
+        if self.block_size is not None:
+            return self.block_size
+        return CPU_BLOCK_SIZE if device_type == "cpu" else GPU_BLOCK_SIZE
+
+    def on(self, device_type: str) -> "PrBlockConfig":
+        """This config with its block size fixed for a device type."""
+        if self.block_size is not None:
+            return self
+        return replace(self, block_size=self.block_size_on(device_type))
+
+
+CPU_BLOCK_SIZE, GPU_BLOCK_SIZE = 64, 128
 
 
 @dataclass(frozen=True)
