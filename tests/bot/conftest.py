@@ -1,19 +1,23 @@
-"""A real car library (the shared vehicle photos), a built mosaic, the command layer, and a job
-queue whose worker answers with a fast fake function (the real pipeline is tested elsewhere).
+"""A real car library (the shared vehicle photos), a built mosaic, the command layer, a job
+queue whose worker answers with a fast fake function (the real pipeline is tested elsewhere),
+and a Discord bot logged in against the local Discord stand-in.
 """
 
 import asyncio
 import io
 
+import discord
 import pytest
 from PIL import Image, ImageDraw
 from sqlalchemy import select
 
 from bot.commands import Commands, Cooldowns, JobUpdates
+from bot.discord_bot import TalkMosaicBot
 from core.library import add_car_photo
 from core.mosaic import MosaicOptions, build_mosaic
 from core.worker import AnswerResult, JobQueue, JobView, Worker
 from storage.models import Car, Mosaic, Tile
+from tests.bot.discord_stand_in import DiscordStandIn
 
 MOSAIC_NAME = "fox"
 
@@ -85,3 +89,22 @@ async def worker(ctx, updates):
     yield worker
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.fixture
+async def stand_in(monkeypatch):
+    """The Discord stand-in, with discord.py's REST calls pointed at it (the Slack tests define
+    their own `stand_in`)."""
+    server = await DiscordStandIn().start()
+    monkeypatch.setattr(discord.http.Route, "BASE", f"{server.base_url}/api/v10")
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def bot(stand_in, commands, updates):
+    """A logged-in Discord bot; tests feed it gateway payloads through `bot._connection`."""
+    client = TalkMosaicBot(commands, updates, guild_id=None)
+    await client.login("test-token")
+    yield client
+    await client.close()

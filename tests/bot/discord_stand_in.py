@@ -22,6 +22,7 @@ USER_ID = 900000000000000005
 EPHEMERAL = 1 << 6
 DEFER_WITH_THINKING = 5
 
+CAR_JPEG = "car.jpg"
 _sequence = itertools.count()
 
 
@@ -246,3 +247,64 @@ class DiscordStandIn(RecordingServer):
         elif method == "PATCH":
             message["id"] = path.rsplit("/", 1)[1]
         return message
+
+
+# Driving a bot against the stand-in ------------------------------------------------------
+
+
+def dispatch_interaction(bot, data: dict, **kwargs) -> tuple[str, float]:
+    """Feed an INTERACTION_CREATE to the bot; returns its token and when it was dispatched."""
+    payload = interaction_payload(data, **kwargs)
+    dispatched = time.perf_counter()
+    bot._connection.parse_interaction_create(payload)
+    return payload["token"], dispatched
+
+
+def webhook_calls(stand_in: DiscordStandIn, token: str) -> list:
+    return [c for c in stand_in.calls if token in c.path]
+
+
+def followups(stand_in: DiscordStandIn, token: str) -> list:
+    return [c for c in webhook_calls(stand_in, token)
+            if c.method == "POST" and c.path == f"/webhooks/{APP_ID}/{token}"]
+
+
+def channel_posts(stand_in: DiscordStandIn, at_least: int = 1) -> list:
+    posts = stand_in.api("POST", f"/channels/{CHANNEL_ID}/messages")
+    return posts if len(posts) >= at_least else []
+
+
+def original_with_files(stand_in: DiscordStandIn, token: str):
+    """The edit that turned an interaction's deferred response into a message with files."""
+    edits = [c for c in webhook_calls(stand_in, token)
+             if c.method == "PATCH" and c.path.endswith("/messages/@original") and c.files]
+    return edits[-1] if edits else None
+
+
+def answer_text(call) -> str:
+    """An answer's text: the description of the embed the bot posted."""
+    [embed] = call.payload["embeds"]
+    return embed["description"]
+
+
+def assert_acknowledged_first(stand_in: DiscordStandIn, token: str, dispatched: float) -> None:
+    """The interaction's first call is the deferral, within 3 s, before any download."""
+    calls = webhook_calls(stand_in, token)
+    callback = calls[0]
+    assert callback.path.endswith("/callback")
+    assert callback.payload["type"] == DEFER_WITH_THINKING
+    assert callback.at - dispatched < 3.0
+    downloads = [c for c in stand_in.calls if c.path.startswith("/cdn/")]
+    assert all(callback.at <= d.at for d in downloads)
+
+
+def served_attachment(stand_in, data: bytes, content_type: str = "image/jpeg") -> dict:
+    """Serve the bytes on the stand-in's CDN; returns the attachment payload pointing there."""
+    stand_in.serve_file(CAR_JPEG, data, content_type)
+    return attachment_payload(stand_in.base_url, CAR_JPEG, len(data), content_type)
+
+
+def mentioning_the_bot(text: str, attachments: list[dict]) -> dict:
+    """A MESSAGE_CREATE that mentions the bot, e.g. a photo posted with a question."""
+    return message_payload(f"<@{BOT_ID}> {text}".rstrip(), attachments=attachments,
+                           mentions=[user_payload(BOT_ID, "talkmosaic", bot=True)])

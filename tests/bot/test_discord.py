@@ -4,11 +4,8 @@ them (interaction callbacks, follow-ups with multipart files, message edits).
 """
 
 import asyncio
-import time
 from datetime import UTC, datetime, timedelta
 
-import discord
-import pytest
 from discord.utils import time_snowflake
 
 from bot.discord_bot import DEFAULT_QUESTION, TalkMosaicBot
@@ -20,81 +17,25 @@ from tests.bot.discord_stand_in import (
     APP_ID,
     BOT_ID,
     CHANNEL_ID,
-    DEFER_WITH_THINKING,
     EPHEMERAL,
     USER_ID,
-    DiscordStandIn,
+    answer_text,
+    assert_acknowledged_first,
     attachment_payload,
+    channel_posts,
+    dispatch_interaction,
+    followups,
     interaction_payload,
     labels,
+    mentioning_the_bot,
     message_payload,
+    original_with_files,
+    served_attachment,
     slash,
     snowflake,
     user_payload,
+    webhook_calls,
 )
-
-CAR_JPEG = "car.jpg"
-
-
-@pytest.fixture
-async def stand_in(monkeypatch):
-    server = await DiscordStandIn().start()
-    monkeypatch.setattr(discord.http.Route, "BASE", f"{server.base_url}/api/v10")
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def bot(stand_in, commands, updates):
-    client = TalkMosaicBot(commands, updates, guild_id=None)
-    await client.login("test-token")
-    yield client
-    await client.close()
-
-
-def dispatch_interaction(bot: TalkMosaicBot, data: dict, **kwargs) -> tuple[str, float]:
-    payload = interaction_payload(data, **kwargs)
-    dispatched = time.perf_counter()
-    bot._connection.parse_interaction_create(payload)
-    return payload["token"], dispatched
-
-
-def webhook_calls(stand_in: DiscordStandIn, token: str) -> list:
-    return [c for c in stand_in.calls if token in c.path]
-
-
-def followups(stand_in: DiscordStandIn, token: str) -> list:
-    return [c for c in webhook_calls(stand_in, token)
-            if c.method == "POST" and c.path == f"/webhooks/{APP_ID}/{token}"]
-
-
-def channel_posts(stand_in: DiscordStandIn, at_least: int = 1) -> list:
-    posts = stand_in.api("POST", f"/channels/{CHANNEL_ID}/messages")
-    return posts if len(posts) >= at_least else []
-
-
-def original_with_files(stand_in: DiscordStandIn, token: str):
-    """The edit that turned an interaction's deferred response into a message with files."""
-    edits = [c for c in webhook_calls(stand_in, token)
-             if c.method == "PATCH" and c.path.endswith("/messages/@original") and c.files]
-    return edits[-1] if edits else None
-
-
-def answer_text(call) -> str:
-    """An answer's text: the description of the embed the bot posted."""
-    [embed] = call.payload["embeds"]
-    return embed["description"]
-
-
-def assert_acknowledged_first(stand_in: DiscordStandIn, token: str, dispatched: float) -> None:
-    """The interaction's first call is the deferral, within 3 s, before any download."""
-    calls = webhook_calls(stand_in, token)
-    callback = calls[0]
-    assert callback.path.endswith("/callback")
-    assert callback.payload["type"] == DEFER_WITH_THINKING
-    assert callback.at - dispatched < 3.0
-    downloads = [c for c in stand_in.calls if c.path.startswith("/cdn/")]
-    assert all(callback.at <= d.at for d in downloads)
 
 
 async def show_mosaic(bot, stand_in) -> tuple[str, object]:
@@ -226,18 +167,6 @@ async def test_list_names_the_mosaics(bot, stand_in, mosaic):
     token, _ = dispatch_interaction(bot, slash("mosaic", "list", []))
     [posted] = await stand_in.wait_for(lambda _: followups(stand_in, token))
     assert f"{MOSAIC_NAME} (10x10 tiles)" in posted.content
-
-
-def served_attachment(stand_in, data: bytes, content_type: str = "image/jpeg") -> dict:
-    """Serve the bytes on the stand-in's CDN; returns the attachment payload pointing there."""
-    stand_in.serve_file(CAR_JPEG, data, content_type)
-    return attachment_payload(stand_in.base_url, CAR_JPEG, len(data), content_type)
-
-
-def mentioning_the_bot(text: str, attachments: list[dict]) -> dict:
-    """A MESSAGE_CREATE that mentions the bot, e.g. a photo posted with a question."""
-    return message_payload(f"<@{BOT_ID}> {text}".rstrip(), attachments=attachments,
-                           mentions=[user_payload(BOT_ID, "talkmosaic", bot=True)])
 
 
 def ask_data(stand_in, photo: bytes, content_type: str, question: str) -> dict:
