@@ -43,29 +43,31 @@ def as_server_user(command: list[str]) -> list[str]:
 
 
 class PostgresServer:
-    def __init__(self, root: Path, port: int, host: str | None):
-        self.root, self.port, self.host = root, port, host
+    def __init__(self, root: Path, port: int):
+        self.root, self.port = root, port
 
-    def url(self, database: str) -> str:
-        where = self.host or ""
-        query = "" if self.host else f"?host={self.root}&port={self.port}"
-        port = f":{self.port}" if self.host else ""
-        return f"postgresql+psycopg://postgres@{where}{port}/{database}{query}"
+    def url(self, database: str, host: str | None = None) -> str:
+        """Over TCP to `host`, or over the Unix socket (no network at all) when None."""
+        if host:
+            return f"postgresql+psycopg://postgres@{host}:{self.port}/{database}"
+        return f"postgresql+psycopg://postgres@/{database}?host={self.root}&port={self.port}"
 
     def create_database(self, name: str) -> str:
         import psycopg
 
-        with psycopg.connect(host=self.host or str(self.root), port=self.port, user="postgres",
+        with psycopg.connect(host=str(self.root), port=self.port, user="postgres",
                              dbname="postgres", autocommit=True) as admin:
             admin.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
 
 @contextmanager
-def postgres_server(port: int = PG_PORT, listen: str | None = None,
+def postgres_server(port: int = PG_PORT, listen: list[str] | None = None,
+                    trust: str | None = None,
                     wrap: list[str] | None = None) -> Iterator[PostgresServer]:
-    """initdb + pg_ctl start in a temporary folder; `listen` an address for TCP (trust auth
-    from that address's network), `wrap` a command prefix such as `ip netns exec NS`."""
+    """initdb + pg_ctl start in a temporary folder, always on a Unix socket there; `listen`
+    addresses for TCP too, trusting clients from the `trust` network (CIDR); `wrap` a command
+    prefix such as `ip netns exec NS`, to start the server inside a network namespace."""
     root = Path(tempfile.mkdtemp(prefix="talkmosaic-pg-"))
     root.chmod(0o777)
     data = root / "data"
@@ -73,17 +75,17 @@ def postgres_server(port: int = PG_PORT, listen: str | None = None,
     run = dict(check=True, capture_output=True)
     subprocess.run(as_server_user([postgres_bin("initdb"), "-D", str(data), "-U", "postgres",
                                    "--auth=trust", "-E", "UTF8", "--no-sync"]), **run)
-    if listen:
+    if trust:
         with (data / "pg_hba.conf").open("a") as hba:
-            hba.write(f"host all all {listen.rsplit('.', 1)[0]}.0/24 trust\n")
-    addresses = f"'{listen}'" if listen else "''"
-    options = (f"-k {root} -p {port} -c listen_addresses={addresses} -c fsync=off "
+            hba.write(f"host all all {trust} trust\n")
+    addresses = ",".join(listen or [])
+    options = (f"-k {root} -p {port} -c listen_addresses='{addresses}' -c fsync=off "
                "-c max_connections=200")
     subprocess.run(prefix + as_server_user([postgres_bin("pg_ctl"), "-D", str(data), "-o",
                                             options, "-l", str(root / "log"), "-w", "start"]),
                    **run)
     try:
-        yield PostgresServer(root, port, listen)
+        yield PostgresServer(root, port)
     finally:
         subprocess.run(prefix + as_server_user([postgres_bin("pg_ctl"), "-D", str(data), "-m",
                                                 "immediate", "stop"]), capture_output=True)
