@@ -1,21 +1,29 @@
 """`python -m bot`: every chat adapter whose tokens are set, the Q&A worker and the web gallery,
 in one event loop, until Ctrl-C or SIGTERM. Tokens are never logged.
+
+What the operator must fix (a bad setting, a port in use, a token a platform refuses) is one
+sentence on stderr and exit status 1, before anything half-starts; an adapter that dies later
+stops the whole process the same way. SIGTERM/SIGINT: no new job is claimed, the job under way
+gets SHUTDOWN_GRACE_S to finish (else it goes back to the queue), the adapters close, exit 0.
 """
 
 import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 from aiohttp import web
 
 from bot.commands import Commands, JobUpdates
 from bot.web import start_gallery
 from core.context import AppContext
 from core.errors import ModelNotInstalled
-from core.settings import Settings
+from core.settings import BadSettings, Settings, load_settings
 from core.worker import AnswerFn, JobQueue, Worker
 
 log = logging.getLogger("bot")
@@ -23,9 +31,28 @@ log = logging.getLogger("bot")
 Cleanup = Callable[[], Awaitable[None]]
 
 
-def _log_failure(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("%s stopped: %s", task.get_name(), task.exception())
+class StartupFailed(Exception):
+    """What the operator must fix before the bot can run; `str()` is one sentence."""
+
+
+class Failures:
+    """Adapters that stopped on their own: the first one's sentence, and the stop it triggers."""
+
+    def __init__(self, stop: asyncio.Event):
+        self.stop = stop
+        self.first: str | None = None
+
+    def watch(self, task: asyncio.Task, describe: Callable[[BaseException], str]) -> None:
+        def ended(done: asyncio.Task) -> None:
+            if done.cancelled() or self.stop.is_set():
+                return
+            error = done.exception()
+            sentence = describe(error) if error else f"{done.get_name()} stopped unexpectedly."
+            log.error("%s", sentence)
+            self.first = self.first or sentence
+            self.stop.set()
+
+        task.add_done_callback(ended)
 
 
 def _refuse_with(error: ModelNotInstalled) -> AnswerFn:
@@ -36,7 +63,7 @@ def _refuse_with(error: ModelNotInstalled) -> AnswerFn:
 
 
 async def start_worker(
-    ctx: AppContext, updates: JobUpdates, answer_fn: AnswerFn | None = None
+    ctx: AppContext, updates: JobUpdates, failures: Failures, answer_fn: AnswerFn | None = None
 ) -> Cleanup:
     """The answering worker. Without an installed model it still runs, so every asker hears
     the one sentence naming what to install instead of waiting forever."""
@@ -50,25 +77,52 @@ async def start_worker(
             answer_fn = _refuse_with(error)
     worker = Worker(ctx, answer_fn, on_update=updates)
     task = asyncio.create_task(worker.run_forever(), name="worker")
-    task.add_done_callback(_log_failure)
+    failures.watch(task, lambda error: f"The answering worker stopped: {error}")
+    grace_s = ctx.settings.shutdown_grace_s
 
     async def stop() -> None:
-        task.cancel()
+        worker.stop_taking_jobs()
+        done, _ = await asyncio.wait({task}, timeout=grace_s)
+        if not done:
+            log.info("the answer under way took over %g s; handing it back to the queue", grace_s)
+            task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
     return stop
 
 
-async def start_discord(settings: Settings, commands: Commands, updates: JobUpdates) -> Cleanup:
+def _discord_failure(error: BaseException) -> str:
+    import discord
+
+    if isinstance(error, discord.PrivilegedIntentsRequired):
+        return ("Discord refused the Message Content intent: enable it for the bot in the "
+                "Developer Portal, or set DISCORD_MESSAGE_CONTENT=false.")
+    if isinstance(error, discord.LoginFailure):
+        return ("Discord refused DISCORD_TOKEN: copy the bot's token again from the "
+                "Developer Portal.")
+    if isinstance(error, discord.HTTPException):
+        return f"Discord refused the bot's start ({error.status}: {error.text or error})."
+    if isinstance(error, aiohttp.ClientError | OSError | TimeoutError):
+        return f"Discord could not be reached ({type(error).__name__}); check the network."
+    return f"The Discord connection stopped: {error}"
+
+
+async def start_discord(settings: Settings, commands: Commands, updates: JobUpdates,
+                        failures: Failures) -> Cleanup:
     from bot.discord_bot import TalkMosaicBot
 
     bot = TalkMosaicBot(
         commands, updates, guild_id=settings.discord_guild_id,
         message_content=settings.discord_message_content,
     )
-    task = asyncio.create_task(bot.start(settings.discord_token.get_secret_value()),
-                               name="discord")
-    task.add_done_callback(_log_failure)
+    try:
+        # login() proves the token (and syncs the commands) before anything else starts.
+        await bot.login(settings.discord_token.get_secret_value())
+    except Exception as error:
+        await bot.close()
+        raise StartupFailed(_discord_failure(error)) from None
+    task = asyncio.create_task(bot.connect(), name="discord")
+    failures.watch(task, _discord_failure)
     log.info("Discord: connecting (%s command sync)",
              "guild" if settings.discord_guild_id else "global")
 
@@ -79,25 +133,54 @@ async def start_discord(settings: Settings, commands: Commands, updates: JobUpda
     return stop
 
 
+def _slack_failure(error: BaseException, token_name: str) -> str:
+    from slack_sdk.errors import SlackApiError
+
+    if isinstance(error, SlackApiError):
+        return f"Slack refused {token_name} ({error.response.get('error', 'error')})."
+    if isinstance(error, aiohttp.ClientError | OSError | TimeoutError):
+        return f"Slack could not be reached ({type(error).__name__}); check the network."
+    return f"Slack could not start: {error}"
+
+
 async def start_slack(settings: Settings, commands: Commands, updates: JobUpdates) -> Cleanup:
     from slack_sdk.web.async_client import AsyncWebClient
 
     from bot.slack_app import SlackFiles, make_slack_app
 
     if not settings.slack_app_token and not settings.slack_signing_secret:
-        raise SystemExit("Slack HTTP mode needs SLACK_SIGNING_SECRET (or set SLACK_APP_TOKEN "
-                         "for Socket Mode).")
+        raise StartupFailed("Slack HTTP mode needs SLACK_SIGNING_SECRET (or set SLACK_APP_TOKEN "
+                            "for Socket Mode).")
     token = settings.slack_bot_token.get_secret_value()
-    client = AsyncWebClient(token=token)
-    files = SlackFiles(token, settings.max_upload_bytes)
+    client = AsyncWebClient(token=token, base_url=settings.slack_api_url)
+    try:
+        await client.auth_test()
+    except Exception as error:
+        raise StartupFailed(_slack_failure(error, "SLACK_BOT_TOKEN")) from None
+    files = SlackFiles(token, settings.max_upload_bytes, settings.slack_file_hosts)
     if settings.slack_app_token:
         from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 
+        app_token = settings.slack_app_token.get_secret_value()
+        try:
+            # The SDK retries a refused app token forever; asking for the first WebSocket URL
+            # here turns a wrong token into one sentence.
+            opened = await client.apps_connections_open(app_token=app_token)
+        except Exception as error:
+            await files.close()
+            raise StartupFailed(_slack_failure(error, "SLACK_APP_TOKEN")) from None
         app = make_slack_app(commands, updates, client=client, files=files)
-        handler = AsyncSocketModeHandler(app, settings.slack_app_token.get_secret_value())
-        await handler.connect_async()
-        log.info("Slack: connected in Socket Mode")
-        stop_serving = handler.close_async
+        handler = AsyncSocketModeHandler(app, app_token)
+        handler.client.wss_uri = opened["url"]
+        # In a task: the SDK retries a WebSocket that will not open until it does, and a stop
+        # signal must still be heard meanwhile.
+        connecting = asyncio.create_task(handler.connect_async(), name="slack")
+        log.info("Slack: connecting in Socket Mode")
+
+        async def stop_serving() -> None:
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
+            await handler.close_async()
     else:
         app = make_slack_app(commands, updates, client=client, files=files,
                              signing_secret=settings.slack_signing_secret.get_secret_value())
@@ -105,7 +188,13 @@ async def start_slack(settings: Settings, commands: Commands, updates: JobUpdate
         runner = web.AppRunner(app.web_app(path="/slack/events", port=settings.slack_port),
                                access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, host, settings.slack_port).start()
+        try:
+            await web.TCPSite(runner, host, settings.slack_port).start()
+        except OSError as error:
+            await runner.cleanup()
+            await files.close()
+            raise StartupFailed(_cannot_listen("Slack's HTTP endpoint", host, settings.slack_port,
+                                               error, "SLACK_HOST/SLACK_PORT")) from None
         log.info("Slack: HTTP mode on http://%s:%s/slack/events", host, settings.slack_port)
         stop_serving = runner.cleanup
 
@@ -116,10 +205,20 @@ async def start_slack(settings: Settings, commands: Commands, updates: JobUpdate
     return stop
 
 
+def _cannot_listen(what: str, host: str, port: int, error: OSError, settings: str) -> str:
+    reason = (os.strerror(error.errno) if error.errno else str(error)).rstrip(".").lower()
+    return f"{what} cannot listen on {host}:{port} ({reason}); set {settings} to a free address."
+
+
 async def start_web_gallery(ctx: AppContext, queue: JobQueue) -> Cleanup:
-    runner = await start_gallery(ctx, ctx.settings.gallery_host, ctx.settings.gallery_port,
-                                 queue=queue)
-    log.info("Gallery: http://%s:%s/", ctx.settings.gallery_host, ctx.settings.gallery_port)
+    host, port = ctx.settings.gallery_host, ctx.settings.gallery_port
+    try:
+        runner = await start_gallery(ctx, host, port, queue=queue)
+    except OSError as error:
+        raise StartupFailed(_cannot_listen("The gallery", host, port, error,
+                                           "GALLERY_HOST/GALLERY_PORT")) from None
+    bound = runner.addresses[0][1] if runner.addresses else port
+    log.info("Gallery: http://%s:%s/", host, bound)
     return runner.cleanup
 
 
@@ -127,24 +226,29 @@ async def serve(
     settings: Settings, stop: asyncio.Event, gallery: bool = True,
     answer_fn: AnswerFn | None = None,
 ) -> None:
-    """Start what is configured, wait for `stop`, then shut everything down in reverse order.
+    """Start what is configured, wait for `stop`, then shut everything down in reverse order
+    (the worker first, so the job under way can still post its answer). Raises StartupFailed
+    when something cannot start, or when an adapter stopped on its own.
     answer_fn replaces the answering pipeline (tests, load checks)."""
     ctx = AppContext.open(settings)
     queue = JobQueue(ctx)
     updates = JobUpdates(queue)
     commands = Commands(ctx, queue)
+    failures = Failures(stop)
     cleanups: list[Cleanup] = []
     try:
         if settings.discord_token:
-            cleanups.append(await start_discord(settings, commands, updates))
+            cleanups.append(await start_discord(settings, commands, updates, failures))
         if settings.slack_bot_token:
             cleanups.append(await start_slack(settings, commands, updates))
         if not cleanups:
             log.warning("no DISCORD_TOKEN or SLACK_BOT_TOKEN set: no chat adapter started")
         if gallery:
             cleanups.append(await start_web_gallery(ctx, queue))
-        cleanups.append(await start_worker(ctx, updates, answer_fn))
+        cleanups.append(await start_worker(ctx, updates, failures, answer_fn))
+        log.info("ready")
         await stop.wait()
+        log.info("stopping")
     finally:
         for cleanup in reversed(cleanups):
             try:
@@ -152,15 +256,28 @@ async def serve(
             except Exception:
                 log.exception("error while shutting down")
         ctx.close()
+    if failures.first:
+        raise StartupFailed(failures.first)
 
 
-async def _main(gallery: bool) -> None:
+async def _main(settings: Settings, gallery: bool, answer_fn: AnswerFn | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
-    await serve(Settings(), stop, gallery=gallery)
+    await serve(settings, stop, gallery=gallery, answer_fn=answer_fn)
+
+
+def run(settings: Settings, gallery: bool = True, answer_fn: AnswerFn | None = None) -> int:
+    """Serve until SIGTERM/SIGINT: 0 after a clean stop; 1, with one sentence on stderr, when
+    something could not start or an adapter stopped on its own."""
+    try:
+        asyncio.run(_main(settings, gallery, answer_fn))
+    except StartupFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,7 +285,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-gallery", action="store_true", help="do not serve the web gallery")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(_main(gallery=not args.no_gallery))
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        settings = load_settings()
+    except BadSettings as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(run(settings, gallery=not args.no_gallery))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from core.vlm.config import PrBlockConfig, SAQConfig
 
@@ -134,3 +134,27 @@ class Settings(BaseSettings):
     def db_url(self) -> str:
         """DATABASE_URL if given, else a SQLite file in the data directory."""
         return self.database_url or f"sqlite:///{(self.data_dir / 'talkmosaic.db').resolve()}"
+
+
+class BadSettings(Exception):
+    """A setting in the environment or `.env` that does not parse; `str()` is one sentence."""
+
+
+def load_settings() -> Settings:
+    """Settings() for an entry point: a value that does not parse raises BadSettings naming the
+    variable, e.g. "GALLERY_PORT='abc' is not valid (input should be a valid integer...)"."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        problems = []
+        for problem in error.errors():
+            name = "__".join(str(part) for part in problem["loc"]).upper()
+            secret = any(word in name for word in ("TOKEN", "SECRET", "PASSWORD"))
+            shown = "" if secret else f"={problem.get('input')!r}"
+            message = problem["msg"][:1].lower() + problem["msg"][1:]
+            problems.append(f"{name}{shown} is not valid ({message})")
+        raise BadSettings("; ".join(problems) + ".") from None
+    except SettingsError as error:
+        # A list or nested value that is not JSON, e.g. SLACK_FILE_HOSTS=files.slack.com.
+        raise BadSettings(f"{str(error).rstrip('.')}: lists are JSON, e.g. "
+                          '["files.slack.com"].') from None

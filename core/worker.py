@@ -24,6 +24,7 @@ How a job is run, and why:
 """
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -304,11 +305,13 @@ class Worker:
         # The answer thread of the last job; nothing new starts until it has returned.
         self._answering: asyncio.Future | None = None
         self._announced: dict[int, int] = {}
+        self._stopping = asyncio.Event()
 
     async def run_forever(self) -> None:
-        """Take back this worker id's interrupted jobs, then answer jobs until cancelled."""
+        """Take back this worker id's interrupted jobs, then answer jobs until cancelled, or
+        until `stop_taking_jobs()` (then it returns once the job under way has its outcome)."""
         await self._with_events(self._recover_own)
-        while True:
+        while not self._stopping.is_set():
             try:
                 job = await self.run_once()
             except asyncio.CancelledError:
@@ -318,7 +321,13 @@ class Worker:
                 log.exception("worker %s: could not run a job", self.worker_id)
                 job = None
             if job is None:
-                await asyncio.sleep(self.poll_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.poll_s)
+
+    def stop_taking_jobs(self) -> None:
+        """Claim no new job (shutting down). Cancelling run_forever afterwards, while a job is
+        still under way, hands that job back to the queue."""
+        self._stopping.set()
 
     async def run_once(self) -> Job | None:
         """Claim one job and run it to an outcome; None if nothing was queued. Returns the job
