@@ -180,12 +180,17 @@ class Commands:
             return error_reply(error)
         return None if shown is None else await _tile_reply(*shown, max_bytes)
 
+    async def mosaic_shown(self, platform: str, channel_id: str, message_id: str
+                           ) -> Mosaic | None:
+        """The mosaic that message shows, or None."""
+        return await self._off_loop(self._mosaic_shown, platform, channel_id, message_id)
+
     async def random_tile_for_message(
         self, platform: str, channel_id: str, message_id: str, max_bytes: int,
         rng: random.Random | None = None,
     ) -> Reply | None:
         """A tile chosen at random from the mosaic that message shows (None if it shows none)."""
-        shown = await self._off_loop(self._mosaic_shown, platform, channel_id, message_id)
+        shown = await self.mosaic_shown(platform, channel_id, message_id)
         if shown is None:
             return None
         rng = rng or random.Random()

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mosaic_commands(commands)
     add_ask_command(commands)
     add_db_commands(commands)
+    add_chat_command(commands)
     return parser
 
 
@@ -367,6 +368,30 @@ def db_sweep(ctx: AppContext, args: argparse.Namespace) -> int:
     print(f"{verb} {report.orphans} unused media objects ({report.orphan_bytes / 1e6:.1f} MB) "
           f"and {report.incomplete} half-written ones older than {minutes:g} min.")
     return 0
+
+
+# chat ----------------------------------------------------------------------------------------
+
+
+def add_chat_command(commands) -> None:
+    chat = commands.add_parser(
+        "chat", help="talk to the bot in this terminal, no tokens: /mosaic, C7, /ask, follow-ups"
+    )
+    chat.set_defaults(handler=chat_command)
+
+
+def chat_command(ctx: AppContext, args: argparse.Namespace) -> int:
+    # The chat goes through the bots' own commands layer (bot/commands.py), the one place where
+    # this entry point reaches above core; imported here so the other commands never load it.
+    import asyncio
+
+    from bot.terminal import chat
+
+    try:
+        return asyncio.run(chat(ctx))
+    except KeyboardInterrupt:
+        print()
+        return 0
 
 
 if __name__ == "__main__":

@@ -293,8 +293,12 @@ class Worker:
         lease_s: float = 30.0,
         max_attempts: int = 3,
         poll_s: float = 0.5,
+        platforms: frozenset[str] | None = None,
     ):
         self.ctx = ctx
+        # Only these platforms' jobs (None: all): `talkmosaic chat` must not take a Slack job
+        # whose answer it could not post.
+        self.platforms = platforms
         self.answer_fn = answer_fn
         self.worker_id = worker_id or default_worker_id()
         self.on_update = on_update
@@ -528,7 +532,7 @@ class Worker:
         with self.ctx.db.session() as session:
             given_up = job_rows.recover_interrupted(session, now, self.max_attempts)
             job = job_rows.claim_next(
-                session, self.worker_id, now + timedelta(seconds=self.lease_s)
+                session, self.worker_id, now + timedelta(seconds=self.lease_s), self.platforms
             )
             return job, [session.get(Job, job_id) for job_id in given_up]
 

@@ -7,9 +7,10 @@ first two; an interrupted running job (lease expired) goes back to queued until 
 `max_attempts` starts, then fails.
 """
 
+from collections.abc import Collection
 from datetime import datetime
 
-from sqlalchemy import func, or_, select, text, update
+from sqlalchemy import func, or_, select, text, true, update
 from sqlalchemy.orm import Session
 
 from storage.models import Job, utcnow
@@ -40,15 +41,20 @@ def job_by_id(session: Session, job_id: int) -> Job | None:
     return session.get(Job, job_id)
 
 
-def claim_next(session: Session, worker_id: str, lease_until: datetime) -> Job | None:
-    """Take the oldest queued job for this worker, or None if nothing is queued.
+def claim_next(
+    session: Session, worker_id: str, lease_until: datetime,
+    platforms: Collection[str] | None = None,
+) -> Job | None:
+    """Take the oldest queued job for this worker (of `platforms` only, when given), or None if
+    nothing is queued.
 
     One UPDATE picks and takes the row, so two workers never get the same job: SQLite runs the
     statement under its write lock; PostgreSQL skips rows another claimer has locked (SKIP
     LOCKED, which SQLite's compiler leaves out)."""
     oldest = (
         select(Job.id)
-        .where(Job.status == "queued")
+        .where(Job.status == "queued",
+               Job.platform.in_(platforms) if platforms is not None else true())
         .order_by(Job.id)
         .limit(1)
         .with_for_update(skip_locked=True)
