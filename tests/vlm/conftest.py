@@ -63,3 +63,90 @@ def llava_prompt(n_text: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.tensor([[1] + [IMAGE_TOKEN_ID] * n_image_tokens + list(range(10, 10 + n_text))])
     generator = torch.Generator().manual_seed(0)
     return ids, torch.randn(1, 3, 32, 32, generator=generator)
+
+
+GEMMA_IMAGE_TOKEN_ID, GEMMA_IMAGE_TOKENS = 260, 16
+
+
+def _siglip_config():
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+
+
+@pytest.fixture
+def tiny_gemma3():
+    """Gemma-3: a sliding-window layer then a global one; image tokens attend both ways."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    text = Gemma3TextConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=4096,
+    )
+    config = Gemma3Config(
+        vision_config=_siglip_config(),
+        text_config=text,
+        mm_tokens_per_image=GEMMA_IMAGE_TOKENS,
+        image_token_index=GEMMA_IMAGE_TOKEN_ID,
+        boi_token_index=258,
+        eoi_token_index=259,
+    )
+    return Gemma3ForConditionalGeneration(config).eval()
+
+
+@pytest.fixture
+def tiny_paligemma():
+    """PaliGemma: its whole prompt (image and prefix text) attends both ways."""
+    from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = GemmaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    config = PaliGemmaConfig(
+        vision_config=_siglip_config(),
+        text_config=text,
+        image_token_index=GEMMA_IMAGE_TOKEN_ID,
+        projection_dim=64,
+    )
+    return PaliGemmaForConditionalGeneration(config).eval()
+
+
+def gemma_prompt(model, n_text: int = 40) -> dict:
+    """Inputs for a tiny Gemma-3 (BOS, image between its markers, text) or PaliGemma (image,
+    BOS, text, all one bidirectional prefix)."""
+    image = [GEMMA_IMAGE_TOKEN_ID] * GEMMA_IMAGE_TOKENS
+    if model.config.model_type == "gemma3":
+        ids = [2, 258, *image, 259, *range(10, 10 + n_text)]
+        token_types = [int(t == GEMMA_IMAGE_TOKEN_ID) for t in ids]
+    else:
+        ids = [*image, 2, *range(10, 10 + n_text)]
+        token_types = [0] * len(ids)  # all prefix: bidirectional
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.tensor([ids]),
+        "token_type_ids": torch.tensor([token_types]),
+        "pixel_values": torch.randn(1, 3, 32, 32, generator=generator),
+    }

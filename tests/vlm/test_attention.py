@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.vlm import attention
+from core.vlm import attention, flex
 from core.vlm.attention import (
     NotPrBlockModel,
     band_attention,
@@ -18,6 +18,7 @@ from core.vlm.attention import (
     logit_bias,
     masked_sdpa,
     model_density,
+    protected_blocks,
     protected_spans,
     realised_density,
     reference_attention,
@@ -29,7 +30,12 @@ from core.vlm.attention import (
 )
 from core.vlm.calibrate import calibrate_dense_heads, head_changes
 from core.vlm.config import PrBlockConfig
-from tests.vlm.conftest import IMAGE_TOKEN_ID, llava_prompt
+from tests.vlm.conftest import (
+    GEMMA_IMAGE_TOKEN_ID,
+    IMAGE_TOKEN_ID,
+    gemma_prompt,
+    llava_prompt,
+)
 
 BLOCK = 16
 # Thresholds 0: the tiny shapes here must take the sparse paths, not the dense shortcut.
@@ -471,3 +477,218 @@ def test_calibration_ranks_every_head_and_restores_the_model(tiny_llama):
     assert top == tuple(sorted(list(changes)[:2]))
     with pytest.raises(ValueError):
         head_changes(tiny_llama, ids.repeat(2, 1), SPARSE)
+
+
+# --- masks that are not causal (Gemma-3 and PaliGemma image spans), sliding windows
+
+
+def _image_positions(inputs) -> list[int]:
+    return (inputs["input_ids"][0] == GEMMA_IMAGE_TOKEN_ID).nonzero().flatten().tolist()
+
+
+def _first_image_output(model, inputs, nudge_last_image_token: bool) -> torch.Tensor:
+    """The language model's last hidden state at the first image token, optionally after
+    moving the last image token's features (a hook on the projector)."""
+
+    def nudge(module, args, output):
+        output = output.clone()
+        output[:, -1] += 5.0
+        return output
+
+    projector = model.model.multi_modal_projector
+    handle = projector.register_forward_hook(nudge) if nudge_last_image_token else None
+    try:
+        with torch.no_grad():
+            hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]
+    finally:
+        if handle is not None:
+            handle.remove()
+    return hidden[0, _image_positions(inputs)[0]]
+
+
+# Every block kept, but through the sparse kernels (log(1/p) = 0 defeats the dense shortcut).
+ALL_BLOCKS_SPARSE_PATH = PrBlockConfig(block_size=8, alpha=1e9, log_p_correction=True, **ANY_LENGTH)
+SPARSE_8 = PrBlockConfig(block_size=8, window=1, sinks=1, alpha=0.3, **ANY_LENGTH)
+
+
+@pytest.mark.parametrize("family", ["tiny_gemma3", "tiny_paligemma"])
+def test_a_later_image_token_moves_an_earlier_one_as_under_sdpa(family, request):
+    model = request.getfixturevalue(family)
+    inputs = gemma_prompt(model)
+    first, last = _image_positions(inputs)[0], _image_positions(inputs)[-1]
+    assert first // 8 < last // 8  # the later image token sits in a later block
+    before = _first_image_output(model, inputs, False)
+    moved = _first_image_output(model, inputs, True) - before
+    assert moved.abs().max() > 1e-3  # SDPA: the model's mask is bidirectional there
+    use_prblock(model, ALL_BLOCKS_SPARSE_PATH)
+    torch.testing.assert_close(_first_image_output(model, inputs, False), before)
+    moved_prblock = _first_image_output(model, inputs, True) - before
+    torch.testing.assert_close(moved_prblock, moved, atol=1e-4, rtol=1e-4)
+    # Sampled blocks too keep the blocks the model's mask opens above the diagonal.
+    use_prblock(model, SPARSE_8)
+    sparse_before = _first_image_output(model, inputs, False)
+    assert (_first_image_output(model, inputs, True) - sparse_before).abs().max() > 1e-3
+
+
+def test_blocks_a_bidirectional_mask_opens_above_the_diagonal_are_found():
+    mask = torch.ones(LENGTH, LENGTH, dtype=torch.bool).tril()
+    mask[20:40, 20:40] = True  # an image span attending both ways
+    blocks = attention.beyond_causal(mask[None, None], BLOCK)
+    # Tokens 20-31 (block 1) see 32-39 (block 2); diagonal blocks are always computed anyway.
+    assert blocks.triu(1).nonzero().tolist() == [[1, 2]]
+    assert attention.beyond_causal(mask.tril()[None, None], BLOCK) is None
+
+
+def test_bidirectional_spans_equal_the_reference_under_the_model_mask():
+    query, key, value = qkv()
+    mask = left_padding_mask().clone()
+    mask[:, :, 20:40, 20:40] = True
+    mask[1, :, :, :7] = False
+    out = block_sparse_attention(query, key, value, SPARSE, attention_mask=mask, scale=SCALE)
+    keep = sample_blocks(SPARSE, LENGTH, LENGTH, heads=KV_HEADS)
+    keep = keep | attention.beyond_causal(mask, BLOCK)[None]
+    expected = reference_attention(query, key, value, keep, BLOCK, mask, SCALE)
+    torch.testing.assert_close(out[:, :, 7:], expected[:, :, 7:], atol=1e-5, rtol=1e-5)
+    earlier = out[:, :, 25]
+    moved_key = key.clone()
+    moved_key[:, :, 35] += 3.0
+    again = block_sparse_attention(
+        query, moved_key, value, SPARSE, attention_mask=mask, scale=SCALE
+    )
+    assert (again[:, :, 25] - earlier).abs().max() > 1e-3
+
+
+def test_sliding_window_layers_stay_on_sdpa(tiny_gemma3, monkeypatch):
+    seen = []
+    real = attention.block_sparse_attention
+
+    def spy(query, key, value, config, *, layer=0, **kwargs):
+        seen.append(layer)
+        return real(query, key, value, config, layer=layer, **kwargs)
+
+    monkeypatch.setattr(attention, "block_sparse_attention", spy)
+    use_prblock(tiny_gemma3, SPARSE_8)
+    with torch.no_grad():
+        tiny_gemma3(**gemma_prompt(tiny_gemma3))
+    assert seen == [1]  # layer 0 slides over 64 tokens: SDPA; layer 1 is global: sparse
+
+
+# --- the GPU prefill path: block size, buckets, masks built once, per-shape fallback
+
+
+def test_the_block_size_is_the_devices_unless_the_config_names_one():
+    assert PrBlockConfig().block_size_on("cpu") == 64
+    assert PrBlockConfig().on("cuda").block_size == 128
+    assert PrBlockConfig(block_size=32).on("cuda").block_size == 32
+
+
+def test_prompt_lengths_pad_to_buckets_then_to_multiples_of_the_last():
+    buckets = (1024, 4096)
+    assert [flex.bucket_length(n, buckets, 128) for n in (1, 1024, 1025, 4096, 5000)] == [
+        1024, 1024, 4096, 4096, 8192,
+    ]  # fmt: skip
+
+
+def test_block_indices_list_kept_columns_first_in_order():
+    blocks = torch.rand(3, 9, 9, generator=torch.Generator().manual_seed(0)) < 0.4
+    counts, indices = flex.kv_block_indices(blocks)
+    assert indices.dtype == counts.dtype == torch.int32
+    for h in range(3):
+        for r in range(9):
+            kept = blocks[h, r].nonzero().flatten().tolist()
+            assert counts[h, r] == len(kept)
+            assert indices[h, r, : len(kept)].tolist() == kept
+            assert sorted(indices[h, r].tolist()) == list(range(9))
+
+
+def test_two_prompt_lengths_in_one_bucket_run_one_padded_shape(monkeypatch):
+    lengths = []
+    real = flex._compiled_flex()
+
+    def recording(query, *args, **kwargs):
+        lengths.append(query.shape[2])
+        return real(query, *args, **kwargs)
+
+    monkeypatch.setattr(flex, "_compiled_flex", lambda: recording)
+    for n in (LENGTH, LENGTH - 10):
+        query, key, value = qkv(n, n)
+        mask = left_padding_mask(n, n)
+        out = block_sparse_attention(query, key, value, SPARSE, attention_mask=mask, scale=SCALE)
+        keep = sample_blocks(SPARSE, n, n, heads=KV_HEADS)
+        expected = reference_attention(query, key, value, keep, BLOCK, mask, SCALE)
+        torch.testing.assert_close(out[:, :, 7:], expected[:, :, 7:], atol=1e-5, rtol=1e-5)
+    assert lengths == [SPARSE.buckets[0]] * 2
+
+
+def test_causal_masks_are_built_once_per_bucket_and_layer(monkeypatch):
+    monkeypatch.setattr(attention, "_cpu_fast_path", lambda *args: False)  # the GPU route
+    flex.bucket_blocks.cache_clear()
+    for n, layer in ((LENGTH, 0), (LENGTH - 10, 0), (LENGTH, 1)):
+        query, key, value = qkv(n, n)
+        out = block_sparse_attention(query, key, value, SPARSE, layer=layer, scale=SCALE)
+        keep = sample_blocks(SPARSE, n, n, heads=KV_HEADS, layer=layer)
+        expected = reference_attention(query, key, value, keep, BLOCK, scale=SCALE)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    info = flex.bucket_blocks.cache_info()
+    assert (info.misses, info.hits) == (2, 1)
+
+
+def test_a_failed_compile_falls_back_for_that_shape_only_with_one_log_line(monkeypatch, caplog):
+    monkeypatch.setattr(attention, "_cpu_fast_path", lambda *args: False)
+    monkeypatch.setattr(flex, "_failed", {})
+    real = flex._compiled_flex()
+
+    def fails_in_half_precision(query, *args, **kwargs):
+        if query.dtype != torch.float32:
+            raise RuntimeError("no kernel for this shape\nmore detail")
+        return real(query, *args, **kwargs)
+
+    monkeypatch.setattr(flex, "_compiled_flex", lambda: fails_in_half_precision)
+    query, key, value = qkv()
+    keep = sample_blocks(SPARSE, LENGTH, LENGTH, heads=KV_HEADS)
+    expected = reference_attention(query, key, value, keep, BLOCK, scale=SCALE)
+    with caplog.at_level("WARNING", logger="core.vlm.flex"):
+        for _ in range(2):
+            half = (t.bfloat16() for t in (query, key, value))
+            out = block_sparse_attention(*half, SPARSE, scale=SCALE)
+            torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
+        # float32 still compiles: the failure did not switch flex off for the process.
+        out = block_sparse_attention(query, key, value, SPARSE, scale=SCALE)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    lines = [r.getMessage() for r in caplog.records if "FlexAttention failed" in r.getMessage()]
+    assert len(lines) == 1 and "no kernel for this shape" in lines[0] and "\n" not in lines[0]
+
+
+def test_masked_sdpa_bounds_its_mask_by_chunks_of_query_rows(monkeypatch):
+    monkeypatch.setattr(attention, "_MASK_ELEMENTS", BATCH * 2 * LENGTH * 7)  # 7 rows a chunk
+    query, key, value = qkv()
+    keep = sample_blocks(SPARSE, LENGTH, LENGTH, heads=KV_HEADS)
+    expected = reference_attention(query, key, value, keep, BLOCK, scale=SCALE)
+    torch.testing.assert_close(masked_sdpa(query, key, value, keep, BLOCK, scale=SCALE), expected,
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_an_image_larger_than_the_budget_keeps_an_even_share_of_its_blocks():
+    image = [(256, 15 * 1024 + 256)]  # a 15k-token image span in a 16k prompt
+    config = PrBlockConfig(block_size=128, protected_budget=4096)
+    hit = protected_blocks(image, 128, 128, budget=4096)
+    # 120 blocks, 32 allowed: every fourth one.
+    assert int(hit.sum()) == 30 and hit[2] and not hit[3:6].any() and hit[6]
+    assert expected_density(config, 16384, image) < 0.5
+    assert (
+        expected_density(PrBlockConfig(block_size=128, protected_budget=10**9), 16384, image) > 0.9
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_prefill_compiles_and_equals_the_reference_in_bfloat16():
+    config = PrBlockConfig(window=2, alpha=0.5, **ANY_LENGTH)
+    n = 4096
+    generator = torch.Generator("cuda").manual_seed(0)
+    query, key, value = (torch.randn(1, h, n, 128, device="cuda", generator=generator,
+                         dtype=torch.bfloat16) for h in (8, 2, 2))  # fmt: skip
+    out = block_sparse_attention(query, key, value, config)
+    keep = sample_blocks(config.on("cuda"), n, n, heads=2)
+    expected = masked_sdpa(query.float(), key.float(), value.float(), keep, 128)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    assert not flex._failed
