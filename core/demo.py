@@ -2,6 +2,8 @@
 of the bundled animal and write the files to look at. Running it again reuses what is there.
 """
 
+import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,10 +62,26 @@ def run_demo(ctx: AppContext, say: Callable[[str], None] = print) -> DemoResult:
     say(f"  full render: {render_path}")
     say(f"  chat preview with coordinates: {preview_path}")
     say(f"Tile {sample.label} is {describe_car(sample.car_info)}; photo: {sample_path}")
-    say(f"Look up any tile with: talkmosaic mosaic tile {DEMO_NAME} B7")
+    command = command_name()
+    say(f"Look up any tile with: {command} mosaic tile {DEMO_NAME} B7")
+    say(f"Talk to it as in a chat, no tokens needed: {command} chat")
     say("Click through it in the web gallery: `make gallery` (python -m bot), then open "
         f"http://{ctx.settings.gallery_host}:{ctx.settings.gallery_port}/")
     return DemoResult(mosaic, render_path, preview_path, sample, sample_path, built)
+
+
+def command_name() -> str:
+    """How to run `talkmosaic` from here: its bare name when it is on PATH, else its path
+    (e.g. .venv/bin/talkmosaic, where `make setup` puts it)."""
+    if shutil.which("talkmosaic"):
+        return "talkmosaic"
+    script = Path(sys.executable).parent / "talkmosaic"
+    if not script.exists():
+        return "talkmosaic"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 def describe_car(info: dict | None) -> str:
