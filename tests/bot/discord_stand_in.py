@@ -308,3 +308,20 @@ def mentioning_the_bot(text: str, attachments: list[dict]) -> dict:
     """A MESSAGE_CREATE that mentions the bot, e.g. a photo posted with a question."""
     return message_payload(f"<@{BOT_ID}> {text}".rstrip(), attachments=attachments,
                            mentions=[user_payload(BOT_ID, "talkmosaic", bot=True)])
+
+
+def click(bot, message: dict, label: str, user: dict | None = None) -> tuple[str, float]:
+    """A user clicks a button of a message the bot posted (a component interaction)."""
+    return dispatch_interaction(bot, button_data(message, label), kind=MESSAGE_COMPONENT,
+                                message=message, user=user)
+
+
+def callback(stand_in: DiscordStandIn, token: str):
+    """How the bot answered an interaction (the first call it made with its token)."""
+    calls = webhook_calls(stand_in, token)
+    return calls[0] if calls and calls[0].path.endswith("/callback") else None
+
+
+def original_edits(stand_in: DiscordStandIn, token: str) -> list:
+    return [c for c in webhook_calls(stand_in, token)
+            if c.method == "PATCH" and c.path.endswith("/messages/@original")]
