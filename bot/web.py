@@ -12,6 +12,7 @@ from importlib.resources import files
 
 from aiohttp import web
 
+from bot.deepzoom import add_deep_zoom
 from bot.tilecache import CachedTile, TileCache
 from bot.webinput import path_coordinate, path_id, plain_errors, query_number
 from bot.websession import asker_id, session_middlewares, viewer_id
@@ -237,6 +238,8 @@ def make_gallery_app(ctx: AppContext, queue: JobQueue | None = None) -> web.Appl
     )
     if queue is not None:
         app[QUEUE] = queue
+    # Before /api/mosaics/{mosaic_id}, which would take "<id>.dzi" for an id.
+    add_deep_zoom(app, ctx, _mosaic_from, mosaic_page)
     app.add_routes(
         [
             web.get("/", index),

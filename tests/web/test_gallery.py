@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from bot.web import bound_port, start_gallery
-from core.gallery import tile_lookup
 from core.library import add_car_photo
 from core.mosaic import MosaicOptions, build_mosaic
 from core.worker import AnswerResult, JobQueue, Worker
@@ -117,34 +116,6 @@ async def test_render_is_scaled_for_the_screen(gallery, mosaic):
 
 async def test_gallery_is_bound_to_loopback_by_default(ctx):
     assert ctx.settings.gallery_host == "127.0.0.1"
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed")
-async def test_clicking_a_tile_shows_its_car_in_the_browser(ctx, gallery, mosaic):
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        browser = await launch_chromium(pw)
-        page = await browser.new_page(viewport={"width": 1200, "height": 800})
-        await page.goto(f"{gallery}/m/{mosaic.id}")
-        image = page.locator("#mosaic")
-        await page.wait_for_function("document.getElementById('mosaic').complete "
-                                     "&& document.getElementById('mosaic').naturalWidth > 0")
-        box = await image.bounding_box()
-        cell_w, cell_h = box["width"] / mosaic.cols, box["height"] / mosaic.rows
-        # Middle of tile C2: column C (index 2), row 2 (index 1).
-        await image.click(position={"x": cell_w * 2.5, "y": cell_h * 1.5})
-        photo = page.locator("#car-photo")
-        await photo.wait_for(state="visible")
-        await page.wait_for_function("document.getElementById('car-photo').complete")
-        assert await page.locator("#tile-title").text_content() == "Tile C2"
-        src = await photo.get_attribute("src")
-        shown = await (await page.request.get(gallery + src)).body()
-        ARTIFACTS.mkdir(exist_ok=True)
-        await page.screenshot(path=str(ARTIFACTS / "gallery-tile-click.png"))
-        await browser.close()
-    assert shown == car_at(ctx, mosaic, 1, 2)
-    assert shown == tile_lookup(ctx, mosaic, "C2").image_bytes
 
 
 async def test_asking_about_a_tile_queues_a_job_and_shows_the_answer(ctx, mosaic):
@@ -258,15 +229,10 @@ async def test_a_follow_up_answer_shows_below_the_first_in_the_browser(
             browser = await launch_chromium(pw)
             page = await browser.new_page(viewport={"width": 1200, "height": 800})
             await page.goto(f"{asking_gallery}/m/{mosaic.id}")
-            image = page.locator("#mosaic")
-            # Polled through the protocol: a string predicate is eval, which the page's CSP bars.
-            for _ in range(200):
-                box = await image.bounding_box()
-                if box and box["height"] > 50:
-                    break
-                await asyncio.sleep(0.05)
-            await image.click(position={"x": box["width"] / mosaic.cols * 2.5,
-                                        "y": box["height"] / mosaic.rows * 1.5})
+            await page.locator("#stage[data-view]").wait_for(state="attached")
+            await page.fill("#goto", "C2")
+            await page.press("#goto", "Enter")
+            await page.locator("#tile-title", has_text="Tile C2").wait_for()
             await page.fill("#question", "What pollutes?")
             await page.click("#ask-form button")
             await page.locator("#follow-up-form").wait_for(state="visible")
