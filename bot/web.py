@@ -13,6 +13,7 @@ from importlib.resources import files
 from aiohttp import web
 
 from bot.deepzoom import add_deep_zoom
+from bot.loopshare import freeze_startup_objects, loop_share_middleware
 from bot.tilecache import CachedTile, TileCache
 from bot.webinput import path_coordinate, path_id, plain_errors, query_number
 from bot.websession import asker_id, session_middlewares, viewer_id
@@ -229,7 +230,10 @@ async def security_headers(request: web.Request, handler):
 
 def make_gallery_app(ctx: AppContext, queue: JobQueue | None = None) -> web.Application:
     app = web.Application(
-        middlewares=[security_headers, plain_errors, *session_middlewares(ctx.settings)],
+        middlewares=[
+            loop_share_middleware(), security_headers, plain_errors,
+            *session_middlewares(ctx.settings),
+        ],
         client_max_size=64 * 1024,
     )
     app[CTX] = ctx
@@ -269,6 +273,7 @@ async def start_gallery(
     port = ctx.settings.gallery_port if port is None else port
     site = web.TCPSite(runner, host or ctx.settings.gallery_host, port, backlog=LISTEN_BACKLOG)
     await site.start()
+    freeze_startup_objects()
     return runner
 
 

@@ -21,6 +21,10 @@ BAD_COORDINATE = (
     "or row,column such as 3,7."
 )
 FAILED = "Something went wrong in the gallery; please try again."
+ROUTER_SENTENCES = {
+    404: "There is nothing at this address.",
+    405: "This address does not take that kind of request.",
+}
 
 
 def path_id(request: web.Request, name: str, missing: str) -> int:
@@ -54,7 +58,10 @@ async def plain_errors(request: web.Request, handler):
     """An unforeseen failure is logged here and the browser gets one sentence."""
     try:
         return await handler(request)
-    except web.HTTPException:
+    except web.HTTPException as error:
+        # aiohttp's own answers ("404: Not Found" when no route matches) become sentences too.
+        if error.text == f"{error.status}: {error.reason}" and error.status in ROUTER_SENTENCES:
+            error.text = ROUTER_SENTENCES[error.status]
         raise
     except Exception:
         log.exception("gallery request failed: %s %s", request.method, request.path)

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp_session import get_session, session_middleware
+from aiohttp_session import Session
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 from sqlalchemy.engine import make_url
 from yarl import URL
@@ -74,7 +74,9 @@ def _stored_secret(path: Path) -> bytes:
 
 
 def session_middlewares(settings: Settings) -> list:
-    """The cookie session, the page that starts one, and the guard on POSTs, outermost first."""
+    """The one middleware: a POST must come from the gallery's own origin in a live session,
+    and a page served starts (or renews) the session. Other requests pass straight through:
+    tile look-ups are the hot path and never read the cookie."""
     public = settings.gallery_public_url
     storage = EncryptedCookieStorage(
         session_key(settings),
@@ -86,33 +88,38 @@ def session_middlewares(settings: Settings) -> list:
         samesite="Lax",
         secure=bool(public and public.lower().startswith("https://")),
     )
-    return [session_middleware(storage), _page_starts_session, _same_origin_writes(settings)]
 
-
-@web.middleware
-async def _page_starts_session(request: web.Request, handler):
-    response = await handler(request)
-    if request.method == "GET" and response.status == 200 and response.content_type == "text/html":
-        session = await get_session(request)
-        if "sid" not in session:
-            session["sid"] = secrets.token_urlsafe(24)
-        # Sealed again on every page view, so the 30 days count from the last visit.
-        session.changed()
-    return response
-
-
-def _same_origin_writes(settings: Settings):
     @web.middleware
-    async def guard(request: web.Request, handler):
+    async def sessions(request: web.Request, handler):
+        request[_STORAGE] = storage
         if request.method in UNSAFE_METHODS:
             if _request_origin(request) not in _own_origins(request, settings):
                 raise web.HTTPForbidden(text=CROSS_SITE)
-            session = await get_session(request)
-            if "sid" not in session:
+            if "sid" not in await _session(request):
                 raise web.HTTPForbidden(text=NO_SESSION)
-        return await handler(request)
+        response = await handler(request)
+        if (request.method == "GET" and response.status == 200
+                and response.content_type == "text/html"):
+            session = await _session(request)
+            if "sid" not in session:
+                session["sid"] = secrets.token_urlsafe(24)
+            # Sealed again on every page view, so the 30 days count from the last visit.
+            await storage.save_session(request, response, session)
+        return response
 
-    return guard
+    return [sessions]
+
+
+_STORAGE = web.RequestKey("gallery_session_storage", EncryptedCookieStorage)
+_SESSION = web.RequestKey("gallery_session", Session)
+
+
+async def _session(request: web.Request) -> Session:
+    """This request's session, read from its cookie once (a new, empty one without it)."""
+    session = request.get(_SESSION)
+    if session is None:
+        session = request[_SESSION] = await request[_STORAGE].load_session(request)
+    return session
 
 
 def _origin(text: str | None) -> str | None:
@@ -159,13 +166,13 @@ def _is_ip(host: str) -> bool:
 
 async def asker_id(request: web.Request) -> str:
     """The queue's user for this browser session (the guard has made sure there is one)."""
-    session = await get_session(request)
+    session = await _session(request)
     return _user_for(session["sid"])
 
 
 async def viewer_id(request: web.Request) -> str | None:
     """The queue's user for this request's session, or None without one."""
-    session = await get_session(request)
+    session = await _session(request)
     sid = session.get("sid")
     return None if sid is None else _user_for(sid)
 
