@@ -109,12 +109,9 @@ def _discord_failure(error: BaseException) -> str:
 
 async def start_discord(settings: Settings, commands: Commands, updates: JobUpdates,
                         failures: Failures) -> Cleanup:
-    from bot.discord_bot import TalkMosaicBot
+    from bot.discord_bot import discord_bot
 
-    bot = TalkMosaicBot(
-        commands, updates, guild_id=settings.discord_guild_id,
-        message_content=settings.discord_message_content,
-    )
+    bot = discord_bot(settings, commands, updates)  # sharded when DISCORD_SHARDED/_SHARD_COUNT
     try:
         # login() proves the token (and syncs the commands) before anything else starts.
         await bot.login(settings.discord_token.get_secret_value())
