@@ -26,7 +26,7 @@ from core.mosaic import (
     format_coordinate,
     preview_image,
 )
-from core.settings import Settings
+from core.settings import BadSettings, load_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    ctx = AppContext.open(Settings())
+    try:
+        ctx = AppContext.open(load_settings())
+    except BadSettings as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     try:
         return args.handler(ctx, args) or 0
     except UserError as error:

@@ -7,6 +7,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from core.vlm.config import PrBlockConfig, SAQConfig
+from storage.media import check_media_url
 
 
 class Settings(BaseSettings):
@@ -92,10 +93,7 @@ class Settings(BaseSettings):
     @field_validator("media_url")
     @classmethod
     def _known_media_backend(cls, value):
-        scheme = value.split("://", 1)[0].split("+", 1)[0] if value and "://" in value else ""
-        if scheme not in ("", "file", "postgresql", "postgres", "s3"):
-            raise ValueError(f"MEDIA_URL is a folder, file://, postgresql:// or s3:// URL, "
-                             f"not {scheme}://")
+        check_media_url(value)
         return value
 
     @field_validator("kv_cache", mode="before")
@@ -149,7 +147,8 @@ def load_settings() -> Settings:
         problems = []
         for problem in error.errors():
             name = "__".join(str(part) for part in problem["loc"]).upper()
-            secret = any(word in name for word in ("TOKEN", "SECRET", "PASSWORD"))
+            # URLs (DATABASE_URL, MEDIA_URL) may carry a password: never echoed either.
+            secret = any(word in name for word in ("TOKEN", "SECRET", "PASSWORD", "_URL"))
             shown = "" if secret else f"={problem.get('input')!r}"
             message = problem["msg"][:1].lower() + problem["msg"][1:]
             problems.append(f"{name}{shown} is not valid ({message})")

@@ -454,8 +454,23 @@ class S3MediaStore(MediaStore):
         self.client.close()
 
 
+def check_media_url(media_url: str | None) -> None:
+    """Raises BadMediaUrl, one sentence, unless MEDIA_URL names a backend this store knows."""
+    if not media_url:
+        return
+    parts = urlsplit(media_url)
+    scheme = parts.scheme.split("+", 1)[0]
+    if scheme not in ("", "file", "postgresql", "postgres", "s3"):
+        raise BadMediaUrl(
+            f"MEDIA_URL must be a folder, file://, postgresql:// or s3:// URL, not {scheme}://"
+        )
+    if scheme == "s3" and not parts.netloc:
+        raise BadMediaUrl("MEDIA_URL s3://BUCKET/PREFIX needs a bucket name")
+
+
 def open_media_store(media_url: str | None, default_root: Path) -> MediaStore:
     """The backend MEDIA_URL names: unset or a path or file:// (a folder), postgresql://, s3://."""
+    check_media_url(media_url)
     if not media_url:
         return FolderMediaStore(default_root)
     parts = urlsplit(media_url)
@@ -464,15 +479,9 @@ def open_media_store(media_url: str | None, default_root: Path) -> MediaStore:
         # psycopg (3) always: chunks are read in its binary format.
         return PostgresMediaStore("postgresql+psycopg" + media_url[len(parts.scheme):])
     if scheme == "s3":
-        if not parts.netloc:
-            raise BadMediaUrl("MEDIA_URL s3://BUCKET/PREFIX needs a bucket name")
         query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
         return S3MediaStore(parts.netloc, parts.path, query.get("endpoint_url"),
                             query.get("region"))
     if scheme == "file":
         return FolderMediaStore(Path(parts.path))
-    if scheme == "":
-        return FolderMediaStore(Path(media_url))
-    raise BadMediaUrl(
-        f"MEDIA_URL must be a folder, file://, postgresql:// or s3:// URL, not {scheme}://"
-    )
+    return FolderMediaStore(Path(media_url))

@@ -114,3 +114,11 @@ def test_db_sweep_reports_what_it_removed(data_dir, capsys):
 def test_db_sweep_refuses_a_negative_age(data_dir, capsys):
     assert main(["db", "sweep", "--older-than", "-5"]) == 1
     assert "0 or more" in capsys.readouterr().err
+
+
+def test_a_bad_media_url_is_one_sentence_that_shows_no_password(data_dir, monkeypatch, capsys):
+    monkeypatch.setenv("MEDIA_URL", "ftp://talkmosaic:hunter2@files.example/media")
+    assert main(["db", "upgrade"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "postgresql:// or s3://" in err
+    assert "hunter2" not in err and "Traceback" not in err
