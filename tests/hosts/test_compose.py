@@ -75,7 +75,8 @@ def test_the_schema_is_migrated_before_the_app_starts(compose):
     for service in ("gateway", "worker"):
         assert compose["services"][service]["depends_on"]["migrate"]["condition"] == (
             "service_completed_successfully")
-    assert compose["services"]["migrate"]["command"] == ["talkmosaic", "db", "upgrade"]
+    assert compose["services"]["migrate"]["command"] == [
+        "sh", "-c", "talkmosaic db upgrade && talkmosaic db sweep"]
 
 
 def test_docker_compose_accepts_it_where_installed(tmp_path):
