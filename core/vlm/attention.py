@@ -431,10 +431,20 @@ def register(config: PrBlockConfig | None = None, name: str = "prblock") -> str:
     function = partial(prblock_attention, default_state=PrBlockState(config or PrBlockConfig()))
     AttentionInterface.register(name, function)
     AttentionMaskInterface.register(name, sdpa_mask)
+    _READS_STAIRCASE.add(name)
     return name
 
 
-def _language_attention(model: torch.nn.Module) -> list[torch.nn.Module]:
+# Attention names whose function attends to an attached SAQ staircase itself (`register`).
+_READS_STAIRCASE: set[str] = set()
+
+
+def reads_staircase(name: str) -> bool:
+    """Whether the attention registered as `name` attends to attached SAQ staircases."""
+    return name in _READS_STAIRCASE
+
+
+def language_attention(model: torch.nn.Module) -> list[torch.nn.Module]:
     text_config = model.config.get_text_config()
     return [
         module
@@ -457,7 +467,7 @@ def use_prblock(
     """
     register(config, name)
     state = PrBlockState(config or PrBlockConfig())
-    for module in _language_attention(model):
+    for module in language_attention(model):
         module.prblock = state
     set_language_attention(model, name)
     parameter = next(model.parameters(), None)
@@ -504,7 +514,7 @@ def set_language_attention(model: torch.nn.Module, name: str) -> None:
 @contextmanager
 def protected_spans(model: torch.nn.Module, spans: Sequence[Span]) -> Iterator[None]:
     """Within the block, the token ranges [start, end) (e.g. image tokens) are always attended."""
-    states = {id(m.prblock): m.prblock for m in _language_attention(model) if hasattr(m, "prblock")}
+    states = {id(m.prblock): m.prblock for m in language_attention(model) if hasattr(m, "prblock")}
     if not states:
         raise NotPrBlockModel("call use_prblock(model) before protected_spans(model, ...).")
     saved = {key: state.protected for key, state in states.items()}

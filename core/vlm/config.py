@@ -94,6 +94,9 @@ class SAQConfig:
     group_size: int = 32
     sinks: int = 4
     protect_image_tokens: bool = True
+    # Tokens of a quantized stair dequantized at once when a decode step attends in place: the
+    # bound on its working buffer (rounded to whole groups).
+    attend_chunk: int = 1024
 
     def __post_init__(self) -> None:
         # A bit width above 8 keeps that stair unquantized, in the model's dtype.
@@ -106,3 +109,5 @@ class SAQConfig:
             )
         if self.sinks < 0:
             raise ValueError(f"sinks must be 0 or more, not {self.sinks}")
+        if self.attend_chunk < 1:
+            raise ValueError(f"attend_chunk must be 1 or more, not {self.attend_chunk}")

@@ -110,3 +110,24 @@ def _round_meta(x: torch.Tensor, toward: float) -> torch.Tensor:
     wrong_side = (stored.float() > x) if toward < 0 else (stored.float() < x)
     target = torch.full_like(stored, toward)
     return torch.where(wrong_side, torch.nextafter(stored, target), stored)
+
+
+def slice_tokens(q: QuantizedGroups, start: int, stop: int, dim: int = 2) -> QuantizedGroups:
+    """Items [start, stop) of dim `dim` of the tensor `q` stands for, still quantized (views).
+
+    Grouped along that dim, the bounds must fall on group edges; grouped along a later dim,
+    any bounds do.
+    """
+    shape = list(q.shape)
+    shape[dim] = stop - start
+    if q.dim == dim:
+        size = q.shape[dim] // q.scale.shape[dim]
+        if start % size or (stop % size and stop != q.shape[dim]):
+            raise ValueError(f"token bounds {start}:{stop} cut groups of {size}")
+        start, stop = start // size, -(-stop // size)
+    elif q.dim < dim:
+        raise ValueError("can only slice a dim before or at the grouped one")
+    index = (slice(None),) * dim + (slice(start, stop),)
+    return QuantizedGroups(
+        q.packed[index], q.scale[index], q.low[index], q.bits, q.dim, tuple(shape)
+    )

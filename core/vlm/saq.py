@@ -2,16 +2,31 @@
 
 The newest tokens stay exact in a residual buffer; each time it holds S tokens they become the
 first stair at the highest quantized precision and every stair steps one tier down (8 -> 4 -> 2).
+Inside `staircase_attention(model, cache)`, decode steps attend to the stairs where they are
+stored, segment by segment, merged by log-sum-exp: no step rebuilds the cache in position order.
 """
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from core.vlm.attention import language_attention, reads_staircase, set_language_attention
 from core.vlm.config import SAQConfig
-from core.vlm.quant import QuantizedGroups, cat_groups, dequantize_groups, quantize_groups
+from core.vlm.quant import (
+    QuantizedGroups,
+    cat_groups,
+    dequantize_groups,
+    quantize_groups,
+    slice_tokens,
+    unpack,
+)
 
 TOKEN_DIM = 2  # keys and values are [batch, heads, tokens, head_dim]
 
@@ -42,6 +57,9 @@ class StaircaseLayer(DynamicLayer):
     """
 
     is_croppable = False
+    # Set by `staircase_attention`: decode steps are attended by `attend`, not from `update`'s
+    # return value (then only the newest tokens).
+    reads_in_place = False
 
     def __init__(self, saq: SAQConfig, protected_spans: list[tuple[int, int]] | None = None):
         super().__init__()
@@ -66,6 +84,9 @@ class StaircaseLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        in_place = self.reads_in_place and key_states.shape[TOKEN_DIM] == 1
+        if in_place:
+            self._flush()  # what the last step left in the residual; this step stays exact
         positions = torch.arange(self.seen, self.seen + key_states.shape[TOKEN_DIM])
         is_protected = self._is_protected(positions)
         if is_protected.any():
@@ -77,6 +98,8 @@ class StaircaseLayer(DynamicLayer):
         self.residual_keys = torch.cat([self.residual_keys, key_states], TOKEN_DIM)
         self.residual_values = torch.cat([self.residual_values, value_states], TOKEN_DIM)
         self.seen += len(positions)
+        if in_place:
+            return self.residual_keys, self.residual_values
         # Attention sees this step's tokens exactly; quantization happens after, for later steps.
         keys, values = self._assemble()
         self._flush()
@@ -150,6 +173,69 @@ class StaircaseLayer(DynamicLayer):
             torch.empty_like(keys).index_copy_(TOKEN_DIM, order, keys),
             torch.empty_like(values).index_copy_(TOKEN_DIM, order, values),
         )
+
+    def segments(self) -> Iterator[tuple[Stored, Stored, int]]:
+        """(keys, values, bits) of each part of the cache: the exact tokens, each stair (oldest
+        first), the residual. Not in position order; `segment_positions` says where each is."""
+        yield self.exact_keys, self.exact_values, 16
+        for stair in reversed(self.stairs):
+            if stair is not None:
+                yield stair.keys, stair.values, stair.bits
+        yield self.residual_keys, self.residual_values, 16
+
+    def segment_positions(self) -> torch.Tensor:
+        """The cache position of every token in `segments` order."""
+        exact = torch.tensor(self.exact_positions, dtype=torch.long)
+        streamed = torch.ones(self.seen, dtype=torch.bool)
+        streamed[exact] = False
+        return torch.cat([exact, streamed.nonzero().flatten()])
+
+    def attend(
+        self, query: torch.Tensor, attention_mask: torch.Tensor | None = None, scale=None
+    ) -> torch.Tensor:
+        """Attention of query (b, q_heads, 1, d) over everything cached: (b, q_heads, 1, d).
+
+        Segment by segment, each quantized stair `saq.attend_chunk` tokens at a time, the
+        parts merged by an online softmax in float32. As KIVI does, the products are taken on
+        the codes: q.K as (q * scale) . codes + q . low per key group, p.V as (p * scale) .
+        codes + p . low per value group, so no dequantized key or value is ever formed; the
+        working buffer is one chunk's codes. Equals SDPA over `_assemble()` up to rounding.
+        `attention_mask` is transformers' (b, 1, 1, kv_len) over cache positions (bool, or
+        additive float)."""
+        batch, q_heads, _, dim = query.shape
+        kv_heads = self.exact_keys.shape[1]
+        scale = scale if scale is not None else dim**-0.5
+        q = query.reshape(batch, kv_heads, q_heads // kv_heads, dim).float() * scale
+        bias = None
+        if attention_mask is not None:
+            mask = attention_mask[:, 0, -1, : self.seen]
+            if mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, -math.inf)
+            bias = mask.float().index_select(1, self.segment_positions().to(q.device))
+        best = q.new_full(q.shape[:-1], -math.inf)
+        total = q.new_zeros(q.shape[:-1])
+        acc = q.new_zeros(*q.shape[:-1], self.exact_values.shape[-1])
+        group = self.saq.group_size
+        chunk, offset = max(group, self.saq.attend_chunk // group * group), 0
+        for keys, values, _ in self.segments():
+            length = keys.shape[TOKEN_DIM]
+            step = max(1, length) if isinstance(keys, torch.Tensor) else chunk
+            for start in range(0, length, step):
+                stop = min(length, start + step)
+                k, v = _tokens(keys, start, stop), _tokens(values, start, stop)
+                scores = _scores(q, k)  # (b, kv heads, group, chunk)
+                if bias is not None:
+                    scores = scores + bias[:, None, None, offset + start : offset + stop]
+                new_best = torch.maximum(best, scores.amax(-1))
+                shift = torch.where(new_best.isinf(), 0.0, new_best)
+                weights = torch.exp(scores - shift[..., None])
+                rescale = torch.exp(best - shift)
+                total = total * rescale + weights.sum(-1)
+                acc = acc * rescale[..., None] + _weighted_values(weights, v)
+                best = new_best
+            offset += length
+        out = acc / total.clamp(min=1e-30)[..., None]
+        return out.reshape(batch, q_heads, 1, -1).to(query.dtype)
 
     def _flush(self) -> None:
         """Move every whole S tokens of the residual onto the staircase, in one step.
@@ -273,6 +359,81 @@ class StaircaseCache(Cache):
         """Stored bits per cached key or value number, over all layers."""
         elements = sum(_layer_elements(layer) for layer in self.layers)
         return 8 * self.nbytes() / elements if elements else 0.0
+
+
+def _tokens(stored: Stored, start: int, stop: int) -> Stored:
+    if isinstance(stored, QuantizedGroups):
+        return slice_tokens(stored, start, stop, TOKEN_DIM)
+    return stored[:, :, start:stop]
+
+
+def _scores(q: torch.Tensor, keys: Stored) -> torch.Tensor:
+    """q (b, h, g, d) float32 against keys (b, h, n, d): (b, h, g, n)."""
+    if not isinstance(keys, QuantizedGroups):
+        return q @ keys.float().transpose(-1, -2)
+    # Keys are grouped over G tokens per channel: packed (b, h, n / G, d, G * bits / 8).
+    batch, heads, n_groups, _ = keys.scale.shape
+    size = keys.shape[TOKEN_DIM] // n_groups
+    codes = unpack(keys.packed, keys.bits, size).float()  # (b, h, n / G, d, G)
+    scale, low = keys.scale.float()[:, :, :, None], keys.low.float()[:, :, :, None]
+    grouped = q[:, :, None]  # (b, h, 1, g, d)
+    scores = (grouped * scale) @ codes + (grouped * low).sum(-1, keepdim=True)
+    return scores.transpose(2, 3).reshape(batch, heads, q.shape[2], -1)
+
+
+def _weighted_values(weights: torch.Tensor, values: Stored) -> torch.Tensor:
+    """weights (b, h, g, n) float32 times values (b, h, n, d): (b, h, g, d)."""
+    if not isinstance(values, QuantizedGroups):
+        return weights @ values.float()
+    # Values are grouped over channels per token: packed (b, h, n, d / Gv, Gv * bits / 8).
+    size = values.shape[-1] // values.scale.shape[-1]
+    codes = unpack(values.packed, values.bits, size).float()  # (b, h, n, d / Gv, Gv)
+    scale, low = values.scale.float(), values.low.float()  # (b, h, n, d / Gv)
+    coded = torch.einsum("bhgnc,bhncj->bhgcj", weights[..., None] * scale[:, :, None], codes)
+    out = coded + (weights @ low)[..., None]
+    return out.flatten(-2)
+
+
+STAIRCASE_ATTENTION = "staircase"
+
+
+def _staircase_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
+    """SDPA, except decode steps of an attached staircase layer, which attend in place."""
+    stored = getattr(module, "staircase", None)
+    if stored is not None and stored.reads_in_place and query.shape[2] == 1:
+        return stored.attend(query, attention_mask, scaling).transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kw)
+
+
+@contextmanager
+def staircase_attention(model: torch.nn.Module, cache: "StaircaseCache") -> Iterator[None]:
+    """Within the block, `model`'s decode steps attend to `cache`'s stairs where they are
+    stored (`StaircaseLayer.attend`) instead of a dequantized copy of the whole cache.
+
+    The language model keeps its attention if it reads staircases (PrFlashAttention does);
+    otherwise it runs SDPA that does, for the length of the block.
+    """
+    text_config = model.config.get_text_config()
+    previous = text_config._attn_implementation or "sdpa"
+    if not reads_staircase(previous):
+        AttentionInterface.register(STAIRCASE_ATTENTION, _staircase_sdpa)
+        AttentionMaskInterface.register(STAIRCASE_ATTENTION, sdpa_mask)
+        set_language_attention(model, STAIRCASE_ATTENTION)
+    attached = []
+    for module in language_attention(model):
+        index = getattr(module, "layer_idx", None)
+        layer = cache.layers[index] if index is not None and index < len(cache.layers) else None
+        if isinstance(layer, StaircaseLayer):
+            module.staircase, layer.reads_in_place = layer, True
+            attached.append(module)
+    try:
+        yield
+    finally:
+        for module in attached:
+            module.staircase.reads_in_place = False
+            del module.staircase
+        if not reads_staircase(previous):
+            set_language_attention(model, previous)
 
 
 def image_token_spans(input_ids: torch.Tensor, image_token_id: int) -> list[tuple[int, int]]:

@@ -2,11 +2,14 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
-from core.vlm.config import SAQConfig
-from core.vlm.saq import StaircaseCache, StaircaseLayer, image_token_spans
+from core.vlm.attention import use_prblock
+from core.vlm.config import PrBlockConfig, SAQConfig
+from core.vlm.memory import AllocationMeter
+from core.vlm.saq import StaircaseCache, StaircaseLayer, image_token_spans, staircase_attention
 from tests.vlm.conftest import IMAGE_TOKEN_ID, llava_prompt
 
 EXACT = SAQConfig(bits=(16, 16, 16), residual=16, group_size=8, sinks=4)
@@ -190,3 +193,73 @@ def test_staircase_settings_are_checked():
         SAQConfig(bits=(8, 3))
     with pytest.raises(ValueError):
         SAQConfig(residual=100, group_size=32)
+
+
+# --- decode steps attending to the stairs in place
+
+
+def _filled_layer(saq: SAQConfig, n: int, protected=None, batch: int = 1) -> StaircaseLayer:
+    layer = StaircaseLayer(saq, protected)
+    keys, values = random_kv(n, seed=n)
+    layer.update(
+        keys.repeat(batch, 1, 1, 1),
+        values.repeat(batch, 1, 1, 1) + torch.arange(batch)[:, None, None, None],
+    )
+    return layer
+
+
+@pytest.mark.parametrize(
+    "saq", [SMALL, SAQConfig(bits=(8, 4), residual=8, group_size=4, sinks=2, attend_chunk=8)]
+)
+@pytest.mark.parametrize("protected", [None, [(10, 21)]])
+def test_attending_in_place_equals_sdpa_over_the_dequantized_cache(saq, protected):
+    layer = _filled_layer(saq, 75, protected, batch=2)
+    assert sum(layer.stair_lengths()) > 0
+    # With a span, exact tokens are not a prefix: the dequantize-all path had to reorder.
+    assert (layer.exact_positions[-1] >= len(layer.exact_positions)) == bool(protected)
+    keys, values = layer._assemble()
+    query = torch.randn(2, 2 * HEADS, 1, HEAD_DIM, generator=torch.Generator().manual_seed(1))
+    expected = F.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
+    torch.testing.assert_close(layer.attend(query), expected, atol=1e-5, rtol=1e-5)
+    # A padding mask over cache positions, as transformers gives it for a left-padded row.
+    mask = torch.ones(2, 1, 1, 75, dtype=torch.bool)
+    mask[1, :, :, :9] = False
+    expected = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(layer.attend(query, mask), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_decoding_attending_in_place_equals_the_dequantize_all_path(tiny_llama):
+    ids = torch.randint(3, 250, (1, 37), generator=torch.Generator().manual_seed(4))
+    expected = greedy(tiny_llama, StaircaseCache(tiny_llama.config, SMALL), ids)
+    cache = StaircaseCache(tiny_llama.config, SMALL)
+    with staircase_attention(tiny_llama, cache):
+        assert tiny_llama.config._attn_implementation == "staircase"
+        out = greedy(tiny_llama, cache, ids)
+    assert tiny_llama.config._attn_implementation == "sdpa"
+    assert not cache.layers[0].reads_in_place
+    assert torch.equal(out, expected)
+
+
+def test_exact_stairs_attending_in_place_generate_like_dynamic_cache_under_prblock(tiny_llava):
+    ids, pixels = llava_prompt(n_text=30)
+    expected = greedy(tiny_llava, DynamicCache(config=tiny_llava.config), ids, pixel_values=pixels)
+    use_prblock(tiny_llava, PrBlockConfig(block_size=16, alpha=1e9))
+    spans = image_token_spans(ids, IMAGE_TOKEN_ID)
+    cache = StaircaseCache(tiny_llava.config, EXACT, protected_spans=spans)
+    with staircase_attention(tiny_llava, cache):
+        assert tiny_llava.config.text_config._attn_implementation == "prblock"
+        out = greedy(tiny_llava, cache, ids, pixel_values=pixels)
+    assert torch.equal(out, expected)
+
+
+def test_a_decode_step_in_place_allocates_a_bounded_buffer_not_the_whole_cache():
+    saq = SAQConfig(bits=(8, 4), residual=64, group_size=32, attend_chunk=256)
+    layer = _filled_layer(saq, 4096)
+    query = torch.randn(1, HEADS, 1, HEAD_DIM)
+    whole = 2 * HEADS * 4096 * HEAD_DIM * 4  # keys and values in float32
+    with AllocationMeter() as in_place:
+        layer.attend(query)
+    with AllocationMeter() as reassembled:
+        layer._assemble()
+    assert in_place.allocations.peak < whole / 4
+    assert reassembled.allocations.peak >= whole
