@@ -16,9 +16,18 @@ from typing import Protocol, TypeVar
 
 from core.context import AppContext
 from core.errors import BadImage, UnknownMosaic, UserError
-from core.gallery import TileLookup, find_mosaic, list_mosaics, mosaic_by_id, tile_lookup
+from core.gallery import (
+    TileLookup,
+    find_mosaic,
+    list_mosaics,
+    mosaic_by_id,
+    mosaic_url,
+    tile_lookup,
+    tile_url,
+)
 from core.images import decode_image, image_content_type, jpeg_within
 from core.mosaic import MosaicOptions, build_mosaic, format_coordinate, preview_image
+from core.settings import Settings
 from core.worker import FINAL_EVENTS, JobQueue
 from storage import jobs as job_rows
 from storage.messages import (
@@ -164,7 +173,7 @@ class Commands:
     async def tile(self, scope: str, name: str, coordinate: str, max_bytes: int) -> Reply:
         try:
             mosaic, found = await self._off_loop(self._lookup, scope, name, coordinate)
-            return await _tile_reply(mosaic, found, max_bytes)
+            return await _tile_reply(mosaic, found, max_bytes, self.ctx.settings)
         except UserError as error:
             return error_reply(error)
 
@@ -178,7 +187,7 @@ class Commands:
             )
         except UserError as error:
             return error_reply(error)
-        return None if shown is None else await _tile_reply(*shown, max_bytes)
+        return None if shown is None else await _tile_reply(*shown, max_bytes, self.ctx.settings)
 
     async def mosaic_shown(self, platform: str, channel_id: str, message_id: str
                            ) -> Mosaic | None:
@@ -224,8 +233,7 @@ class Commands:
 
     def gallery_url(self, mosaic_id: int) -> str | None:
         """The mosaic's page in the web gallery, when GALLERY_PUBLIC_URL says where it is."""
-        base = self.ctx.settings.gallery_public_url
-        return f"{base.rstrip('/')}/m/{mosaic_id}" if base else None
+        return mosaic_url(self.ctx.settings, mosaic_id)
 
     async def ask(
         self,
@@ -276,6 +284,8 @@ class Commands:
             f"{verb} {mosaic.name}: {mosaic.cols}x{mosaic.rows} tiles of car photos. "
             f"Reply to this message with a tile from A1 to {last} to see the car behind it."
         )
+        if page := mosaic_url(self.ctx.settings, mosaic.id):
+            text += f" Explore it in the gallery: {page}"
         kind = EXTENSIONS.get(image_content_type(preview), "jpg")
         return Reply(text, files=[(f"{_file_stem(mosaic.name)}.{kind}", preview)],
                      mosaic_id=mosaic.id)
@@ -359,7 +369,9 @@ def describe_car(info: dict | None) -> str:
     return ", ".join(details)
 
 
-async def _tile_reply(mosaic: Mosaic, found: TileLookup, max_bytes: int) -> Reply:
+async def _tile_reply(
+    mosaic: Mosaic, found: TileLookup, max_bytes: int, settings: Settings
+) -> Reply:
     image = found.image_bytes
     content_type = found.content_type
     if len(image) > max_bytes:
@@ -368,6 +380,8 @@ async def _tile_reply(mosaic: Mosaic, found: TileLookup, max_bytes: int) -> Repl
     text = f"{found.label} of {mosaic.name}: {describe_car(found.car_info)}."
     if found.note:
         text += " " + found.note
+    if page := tile_url(settings, mosaic.id, found.label):
+        text += f" See it in the mosaic: {page}"
     name = f"{_file_stem(mosaic.name)}-{found.label}.{EXTENSIONS.get(content_type, 'jpg')}"
     return Reply(text, files=[(name, image)], tile=(mosaic.id, found.label))
 

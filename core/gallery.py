@@ -11,6 +11,7 @@ from core.context import AppContext
 from core.errors import UnknownMosaic
 from core.library import METADATA_FIELDS
 from core.mosaic import format_coordinate, parse_coordinate
+from core.settings import Settings
 from storage import mosaics as mosaic_rows
 from storage.media import MediaMissing
 from storage.models import Mosaic
@@ -52,6 +53,18 @@ def mosaic_by_id(ctx: AppContext, mosaic_id: int) -> Mosaic:
     if mosaic is None:
         raise UnknownMosaic("There is no such mosaic.")
     return mosaic
+
+
+def mosaic_url(settings: Settings, mosaic_id: int) -> str | None:
+    """The mosaic's page in the web gallery, when GALLERY_PUBLIC_URL says where it is."""
+    base = settings.gallery_public_url
+    return f"{base.rstrip('/')}/m/{mosaic_id}" if base else None
+
+
+def tile_url(settings: Settings, mosaic_id: int, coordinate: str) -> str | None:
+    """The gallery page that opens zoomed on one tile ("C7") with its car shown, or None."""
+    page = mosaic_url(settings, mosaic_id)
+    return f"{page}/{coordinate}" if page else None
 
 
 def render_bytes(ctx: AppContext, mosaic: Mosaic) -> bytes:
