@@ -244,7 +244,7 @@ def mosaic_build(ctx: AppContext, args: argparse.Namespace) -> int:
             print(f"Preview: {args.preview}")
     except OSError as error:
         print(f'error: the mosaic "{mosaic.name}" is saved (its render is '
-              f"{ctx.media.path(mosaic.render_media_key)}), but {error.filename} could not be "
+              f"{ctx.media.describe(mosaic.render_media_key)}), but {error.filename} could not be "
               f"written: {error.strerror or error}.", file=sys.stderr)
         return 1
     return 0
