@@ -63,7 +63,8 @@ def _refuse_with(error: ModelNotInstalled) -> AnswerFn:
 
 
 async def start_worker(
-    ctx: AppContext, updates: JobUpdates, failures: Failures, answer_fn: AnswerFn | None = None
+    ctx: AppContext, updates: JobUpdates, answer_fn: AnswerFn | None = None,
+    failures: Failures | None = None,
 ) -> Cleanup:
     """The answering worker. Without an installed model it still runs, so every asker hears
     the one sentence naming what to install instead of waiting forever."""
@@ -77,7 +78,8 @@ async def start_worker(
             answer_fn = _refuse_with(error)
     worker = Worker(ctx, answer_fn, on_update=updates)
     task = asyncio.create_task(worker.run_forever(), name="worker")
-    failures.watch(task, lambda error: f"The answering worker stopped: {error}")
+    if failures is not None:
+        failures.watch(task, lambda error: f"The answering worker stopped: {error}")
     grace_s = ctx.settings.shutdown_grace_s
 
     async def stop() -> None:
@@ -242,7 +244,7 @@ async def serve(
             log.warning("no DISCORD_TOKEN or SLACK_BOT_TOKEN set: no chat adapter started")
         if gallery:
             cleanups.append(await start_web_gallery(ctx, queue))
-        cleanups.append(await start_worker(ctx, updates, failures, answer_fn))
+        cleanups.append(await start_worker(ctx, updates, answer_fn, failures))
         log.info("ready")
         await stop.wait()
         log.info("stopping")

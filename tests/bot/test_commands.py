@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from slack_sdk.signature import SignatureVerifier
 from sqlalchemy import select
 
-from bot.__main__ import serve, start_slack
+from bot.__main__ import StartupFailed, serve, start_slack
 from bot.commands import (
     Commands,
     Cooldowns,
@@ -27,7 +27,7 @@ from core.errors import BadImage, ModelNotInstalled
 from core.worker import JobQueue, Worker
 from storage.models import Job, Mosaic
 from tests.bot.conftest import MOSAIC_NAME, car_at, fake_answer, fox_image, png
-from tests.bot.slack_stand_in import SIGNING_SECRET, event_callback
+from tests.bot.slack_stand_in import SIGNING_SECRET, SlackStandIn, event_callback
 from tests.library.conftest import png_header_only
 
 LIMIT = 8 * 1024 * 1024
@@ -207,7 +207,7 @@ async def test_serve_starts_the_gallery_and_the_worker_and_stops_cleanly(setting
 
 async def test_slack_http_mode_needs_a_signing_secret(settings, commands, updates):
     settings = settings.model_copy(update={"slack_bot_token": SecretStr("xoxb-1")})
-    with pytest.raises(SystemExit, match="SLACK_SIGNING_SECRET"):
+    with pytest.raises(StartupFailed, match="SLACK_SIGNING_SECRET"):
         await start_slack(settings, commands, updates)
 
 
@@ -219,9 +219,11 @@ def free_port() -> int:
 
 async def test_slack_http_mode_serves_signed_requests_only(settings, commands, updates):
     port = free_port()
+    web_api = await SlackStandIn().start()  # answers the start-up auth.test
     settings = settings.model_copy(update={
         "slack_bot_token": SecretStr("xoxb-1"), "slack_port": port,
         "slack_signing_secret": SecretStr(SIGNING_SECRET),
+        "slack_api_url": f"{web_api.base_url}/api/",
     })
     stop = await start_slack(settings, commands, updates)
     try:
@@ -246,6 +248,7 @@ async def test_slack_http_mode_serves_signed_requests_only(settings, commands, u
                 assert "abc" in await accepted.text()
     finally:
         await stop()
+        await web_api.stop()
 
 
 async def test_columns_out_of_range_are_one_sentence(commands, car_library):
