@@ -96,7 +96,7 @@ class SAQConfig:
     protect_image_tokens: bool = True
     # Tokens of a quantized stair dequantized at once when a decode step attends in place: the
     # bound on its working buffer (rounded to whole groups).
-    attend_chunk: int = 1024
+    attend_chunk: int = 4096
 
     def __post_init__(self) -> None:
         # A bit width above 8 keeps that stair unquantized, in the model's dtype.

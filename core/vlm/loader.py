@@ -5,6 +5,7 @@ Nothing is downloaded: a missing package raises `ModelNotInstalled` naming what 
 
 import ctypes
 import importlib.util
+import math
 import os
 from pathlib import Path
 
@@ -84,3 +85,81 @@ def smollm2_attention(config):
     if config.dense_heads is None:
         return replace(config, dense_heads=SMOLLM2_DENSE_HEADS)
     return config
+
+
+# --- what a real VLM needs besides attention: a visual-token budget, its prompt, its weights
+
+
+def limit_image_tokens(processor, max_tokens: int) -> dict:
+    """Make `processor` turn one image into at most about `max_tokens` tokens, through the
+    family's own setting; returns what was set (empty where the family's count is fixed).
+
+    Qwen2-VL / Qwen2.5-VL: `max_pixels` (a token is a 28 x 28 pixel patch after merging).
+    Idefics3 / SmolVLM: image splitting and `longest_edge` (a tile costs `image_seq_len`).
+    LLaVA-OneVision: the anyres grids kept (a tile costs `num_image_tokens`, plus the base).
+    """
+    images = getattr(processor, "image_processor", processor)
+    kind = type(images).__name__
+    if max_tokens < 1:
+        raise ValueError(f"an image needs at least one token, not {max_tokens}")
+    if "Qwen2VL" in kind:
+        patch = images.patch_size * images.merge_size
+        pixels = max(max_tokens * patch * patch, getattr(images, "min_pixels", None) or 0)
+        if hasattr(images, "max_pixels"):
+            images.max_pixels = pixels
+        images.size["longest_edge"] = pixels  # a dict or a SizeDict, by release
+        return {"max_pixels": pixels}
+    if "Idefics3" in kind or "SmolVLM" in kind:
+        per_tile = getattr(processor, "image_seq_len", None) or 169
+        tile = images.max_image_size["longest_edge"]
+        grid = math.isqrt(max(0, max_tokens // per_tile - 1))  # a k x k split plus the global
+        images.do_image_splitting = grid >= 2
+        edge = tile * max(grid, 1)
+        images.size["longest_edge"] = edge
+        return {"do_image_splitting": images.do_image_splitting, "longest_edge": edge}
+    if "LlavaOnevision" in kind:
+        side = images.size["height"]
+        per_tile = getattr(processor, "num_image_tokens", None) or (side // 14) ** 2
+        tiles = max(1, max_tokens // per_tile - 1)  # the base image costs one tile
+        grids = [g for g in images.image_grid_pinpoints if (g[0] // side) * (g[1] // side) <= tiles]
+        images.image_grid_pinpoints = grids or [[side, side]]
+        return {"image_grid_pinpoints": images.image_grid_pinpoints}
+    return {}
+
+
+# Prompts for processors that ship no chat template, in the form each family was trained on.
+PLAIN_PROMPTS = {
+    # PaliGemma's processor adds BOS after the image and the "\n" that ends the prefix.
+    "paligemma": "{image}answer en {text}",
+    "llava": "USER: {image}\n{text} ASSISTANT:",
+}
+
+
+def vlm_prompt(processor, text: str, model_type: str = "llava") -> str:
+    """The processor's chat template with one image and the text, else the family's own plain
+    format (`PLAIN_PROMPTS`, LLaVA's for families not listed)."""
+    if getattr(processor, "chat_template", None):
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+        ]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    image = getattr(processor, "image_token", "<image>")
+    template = PLAIN_PROMPTS.get(model_type, PLAIN_PROMPTS["llava"])
+    return template.format(image=image, text=text)
+
+
+def unquantized_modules(config) -> list[str]:
+    """Module names a 4/8-bit load should leave alone (`llm_int8_skip_modules`): the vision
+    tower, the projector and anything else that is not the language model, plus the head.
+
+    Read off the model's own module tree, built on the meta device (no memory, no weights).
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    inner = getattr(model, "model", model)
+    text = model.get_decoder() if hasattr(model, "get_decoder") else None
+    names = [name for name, child in inner.named_children() if child is not text]
+    return names + [name for name, _ in model.named_children() if name == "lm_head"]
