@@ -189,7 +189,8 @@ def _media_reads(urls: dict[str, str], workdir: Path, reads: int) -> dict:
 
 def _table(hosts: dict, media: dict, args, setup: str) -> str:
     lines = [f"Several app hosts on one PostgreSQL 15 (this machine: {os.cpu_count()} cores, "
-             f"app hosts and load generator share them); {setup}", ""]
+             f"app hosts and load generator share them; load average {os.getloadavg()[0]:.1f} "
+             f"at the end); {setup}", ""]
     lines.append(f"{'app hosts':<10}{'look-ups/s cache off':>22}{'x 1 host':>10}"
                  f"{'look-ups/s cache on':>21}{'x 1 host':>10}{'jobs/min':>10}{'x 1 host':>10}")
     for count in (1, 2):

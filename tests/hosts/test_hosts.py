@@ -95,6 +95,7 @@ class Hosts:
         self.names, self.workdir = names, workdir
         self.env = {}
         self.logs: list[Path] = []
+        self.processes: list[subprocess.Popen] = []
         for host, db_address in (("a", "10.77.1.1"), ("b", "10.77.2.1")):
             url = f"postgresql+psycopg://postgres@{db_address}:{PG_PORT}/{database}"
             env = {k: v for k, v in os.environ.items()
@@ -118,9 +119,15 @@ class Hosts:
     def start(self, host: str, *args: str) -> subprocess.Popen:
         log = self.workdir / f"{host}-{len(self.logs)}.log"
         self.logs.append(log)
-        return subprocess.Popen(self.command(host, *args), env=self.env[host],
-                                cwd=self.workdir / host, stdout=log.open("w"),
-                                stderr=subprocess.STDOUT)
+        process = subprocess.Popen(self.command(host, *args), env=self.env[host],
+                                   cwd=self.workdir / host, stdout=log.open("w"),
+                                   stderr=subprocess.STDOUT)
+        self.processes.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            _stop(process)
 
     def tail(self) -> str:
         return "\n".join(f"--- {log.name}\n{log.read_text()[-2000:]}" for log in self.logs)
@@ -162,26 +169,26 @@ def test_a_host_killed_mid_job_loses_no_tile_and_no_answer(namespaces, vehicle_p
         hosts = Hosts(namespaces, tmp_path, "talkmosaic")
         server.create_database("talkmosaic")
         engine = create_engine(server.url("talkmosaic"))  # the Unix socket: for checking only
-
-        # Host A: ingest and build, media into PostgreSQL across its link.
-        hosts.run("a", "-m", "core.cli", "library", "add", str(library), "--no-progress")
-        hosts.run("a", "-m", "core.cli", "mosaic", "build", str(target), "--name", "tiger",
-                  "--cols", "8")
-        job_ids = json.loads(hosts.run("a", "-m", "tests.hosts.host", "submit",
-                                       *map(str, asked)))
-
-        # Host A's worker takes a question; it is killed while answering it.
-        worker_a = hosts.start("a", "-m", "tests.hosts.host", "serve", str(marks), "A",
-                               "--no-gallery")
-        started = _wait(lambda: next(iter(marks.glob("started-*-A")), None),
-                        "host A's worker to start a job", hosts)
-        worker_a.send_signal(signal.SIGKILL)
-        worker_a.wait()
-        killed_job = int(started.name.split("-")[1])
-
-        # Host B: the gallery and a worker.
-        host_b = hosts.start("b", "-m", "tests.hosts.host", "serve", str(marks), "B")
         try:
+
+            # Host A: ingest and build, media into PostgreSQL across its link.
+            hosts.run("a", "-m", "core.cli", "library", "add", str(library), "--no-progress")
+            hosts.run("a", "-m", "core.cli", "mosaic", "build", str(target), "--name", "tiger",
+                      "--cols", "8")
+            job_ids = json.loads(hosts.run("a", "-m", "tests.hosts.host", "submit",
+                                           *map(str, asked)))
+
+            # Host A's worker takes a question; it is killed while answering it.
+            worker_a = hosts.start("a", "-m", "tests.hosts.host", "serve", str(marks), "A",
+                                   "--no-gallery")
+            started = _wait(lambda: next(iter(marks.glob("started-*-A")), None),
+                            "host A's worker to start a job", hosts)
+            worker_a.send_signal(signal.SIGKILL)
+            worker_a.wait()
+            killed_job = int(started.name.split("-")[1])
+
+            # Host B: the gallery and a worker.
+            hosts.start("b", "-m", "tests.hosts.host", "serve", str(marks), "B")
             with engine.connect() as conn:
                 mosaic = conn.execute(select(Mosaic.id, Mosaic.rows, Mosaic.cols)).one()
                 tile_cars = {(row, col): car for row, col, car in conn.execute(
@@ -190,7 +197,7 @@ def test_a_host_killed_mid_job_loses_no_tile_and_no_answer(namespaces, vehicle_p
             coords = {format_coordinate(row, col): (row, col) for row in range(mosaic.rows)
                       for col in range(mosaic.cols)}
             _wait(lambda: hosts.run("a", "-c", _PROBE, GALLERY).strip() == "200",
-                  "host B's gallery", hosts)
+                  "host B's gallery", hosts, timeout=360)
             looked_up = json.loads(hosts.run("a", "-m", "tests.hosts.host", "lookup", GALLERY,
                                              str(mosaic.id), *coords))
 
@@ -199,10 +206,10 @@ def test_a_host_killed_mid_job_loses_no_tile_and_no_answer(namespaces, vehicle_p
                     rows = session.scalars(select(Job).where(Job.id.in_(job_ids))).all()
                 return all(job.status in ("done", "failed") for job in rows) and rows
 
-            jobs = _wait(all_answered, "host B to answer every question", hosts, timeout=300)
+            jobs = _wait(all_answered, "host B to answer every question", hosts, timeout=480)
         finally:
-            _stop(host_b)
-        engine.dispose()
+            hosts.stop_all()
+            engine.dispose()
 
     finished = sorted(path.name for path in marks.glob("finished-*"))
     lost_tiles = [coord for coord, found in looked_up.items() if found["status"] != 200]
