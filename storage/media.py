@@ -6,6 +6,7 @@ Every backend streams: `put_chunks` and `chunks` never hold a whole object in me
 """
 
 import hashlib
+import io
 import os
 import re
 import tempfile
@@ -368,6 +369,12 @@ class S3MediaStore(MediaStore):
         check_key(key)
         return f"{self.prefix}{key[:2]}/{key}"
 
+    def put(self, data: bytes) -> str:
+        key = sha256_hex(data)
+        if not self.has(key):
+            self._upload(io.BytesIO(data), key)
+        return key
+
     def put_chunks(self, chunks: Iterable[bytes]) -> str:
         digest = hashlib.sha256()
         with tempfile.SpooledTemporaryFile(max_size=8 * CHUNK_BYTES) as spool:
@@ -377,9 +384,12 @@ class S3MediaStore(MediaStore):
             key = digest.hexdigest()
             if not self.has(key):
                 spool.seek(0)
-                self.client.upload_fileobj(spool, self.bucket, self.name(key),
-                                           Config=self.transfer)
+                self._upload(spool, key)
         return key
+
+    def _upload(self, readable, key: str) -> None:
+        # Over 8 MiB boto3 uploads in parts; the object appears once the last part is in.
+        self.client.upload_fileobj(readable, self.bucket, self.name(key), Config=self.transfer)
 
     def _missing(self, error) -> bool:
         return error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
