@@ -27,7 +27,7 @@ from PIL import Image
 from core.context import AppContext
 from core.errors import BadImage
 from core.images import decode_image, square_thumbnail
-from core.mosaic import cell_colours, crop_to_grid
+from core.mosaic import cell_colours, crop_to_grid, load_tiles
 from storage import cars as car_rows
 from storage import mosaics as mosaic_rows
 from storage.media import MediaMissing
@@ -89,14 +89,21 @@ def level_size(width: int, height: int, level: int) -> tuple[int, int]:
     return math.ceil(width / scale), math.ceil(height / scale)
 
 
-def pyramid_for(ctx: AppContext, mosaic: Mosaic) -> Pyramid:
-    """The mosaic's stored pyramid, built first if it has none (or an outdated one)."""
+def stored_pyramid(ctx: AppContext, mosaic: Mosaic) -> Pyramid | None:
+    """The mosaic's pyramid if one of the current version is stored, else None."""
     stored = (mosaic.settings or {}).get(SETTING) or {}
-    if stored.get("version") == PYRAMID_VERSION:
-        try:
-            return load_pyramid(ctx, stored["manifest"])
-        except MediaMissing:
-            pass
+    if stored.get("version") != PYRAMID_VERSION:
+        return None
+    try:
+        return load_pyramid(ctx, stored["manifest"])
+    except MediaMissing:
+        return None
+
+
+def pyramid_for(ctx: AppContext, mosaic: Mosaic) -> Pyramid:
+    """The mosaic's stored pyramid, built (and recorded on the mosaic) if it has none."""
+    if (pyramid := stored_pyramid(ctx, mosaic)) is not None:
+        return pyramid
     pyramid = build_pyramid(ctx, mosaic)
     with ctx.db.session() as session:
         mosaic_rows.set_mosaic_setting(
@@ -140,7 +147,10 @@ def build_pyramid(ctx: AppContext, mosaic: Mosaic, tile_format: str = "jpeg") ->
     a manifest in the media store. tile_format is "jpeg" (the gallery's) or "png" (lossless)."""
     suffix = {"jpeg": f".jpeg[Q={JPEG_QUALITY}]", "png": ".png"}[tile_format]
     width, height = mosaic.cols * CELL_PX, mosaic.rows * CELL_PX
-    stream = _PngStream(_cell_rows(ctx, mosaic), width, height)
+    with ctx.db.engine.connect() as connection:
+        cars = mosaic_rows.tile_cars(connection, mosaic.id)
+    treatment = _treatment(ctx, mosaic, cars)
+    stream = _PngStream(_cell_rows(ctx, mosaic, cars), width, height)
     workspace = ctx.settings.data_dir / ".pyramids"
     workspace.mkdir(parents=True, exist_ok=True)
     _sweep_stale_builds(workspace)
@@ -149,6 +159,12 @@ def build_pyramid(ctx: AppContext, mosaic: Mosaic, tile_format: str = "jpeg") ->
         source = pyvips.SourceCustom()
         source.on_read(stream.read)
         image = pyvips.Image.new_from_source(source, "", access="sequential", fail_on="error")
+        if treatment is not None:
+            # Per cell: pixel * scale + offset, clipped to 0-255, computed by libvips on every
+            # core as dzsave pulls the rows; the two small grids are stretched to cells.
+            scale, offset = (pyvips.Image.new_from_array(grid).zoom(CELL_PX, CELL_PX)
+                             for grid in treatment)
+            image = (image * scale + offset).cast("uchar")
         try:
             image.dzsave(
                 str(Path(folder) / "mosaic"), tile_size=TILE_PX, overlap=OVERLAP,
@@ -204,34 +220,55 @@ def _sweep_stale_builds(workspace: Path) -> None:
 # The full-size image, one row of cells at a time ----------------------------------------------
 
 
-def _cell_rows(ctx: AppContext, mosaic: Mosaic) -> Iterator[np.ndarray]:
-    """Each row of the mosaic at CELL_PX: (CELL_PX, cols * CELL_PX, 3) uint8, top to bottom.
-
-    A cell is its car's photo, centre-cropped and resized to CELL_PX, with the render's colour
-    treatment: moved `shift` of the way to its target cell's mean colour, then mixed `blend`
-    toward that colour, so the deep zoom looks like the flat render from afar."""
-    options = (mosaic.settings or {}).get("options", {})
-    shift, blend = float(options.get("shift", 0.0)), float(options.get("blend", 0.0))
-    colours = _target_colours(ctx, mosaic) if shift or blend else None
-    with ctx.db.engine.connect() as connection:
-        cars = mosaic_rows.tile_cars(connection, mosaic.id)
+def _cell_rows(
+    ctx: AppContext, mosaic: Mosaic, cars: list[tuple[int | None, str | None]]
+) -> Iterator[np.ndarray]:
+    """Each row of the mosaic at CELL_PX: (CELL_PX, cols * CELL_PX, 3) uint8, top to bottom; a
+    cell is its car's photo, centre-cropped and resized to CELL_PX."""
     photos = _CellPhotos(ctx, mosaic)
     strip = np.empty((CELL_PX, mosaic.cols, CELL_PX, 3), np.uint8)
     for row in range(mosaic.rows):
         for col in range(mosaic.cols):
-            cell = row * mosaic.cols + col
-            photo = photos.get(row, col, *cars[cell])
-            if colours is None:
-                strip[:, col] = photo
-                continue
-            mean = photo.reshape(-1, 3).mean(0, dtype=np.float32)
-            offset = (1 - blend) * shift * (colours[cell] - mean) + blend * colours[cell]
-            mixed = photo.astype(np.float32)
-            mixed *= 1 - blend
-            mixed += offset
-            np.clip(mixed, 0, 255, out=mixed)
-            strip[:, col] = mixed
+            strip[:, col] = photos.get(row, col, *cars[row * mosaic.cols + col])
         yield strip.reshape(CELL_PX, mosaic.cols * CELL_PX, 3)
+
+
+def _treatment(
+    ctx: AppContext, mosaic: Mosaic, cars: list[tuple[int | None, str | None]]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The flat render's colour treatment of each cell as pixel * scale + offset: (rows, cols, 1)
+    and (rows, cols, 3) float32, or None when there is none (or its target is gone).
+
+    The render moves each tile `shift` of the way to its target cell's mean colour, then mixes
+    it `blend` toward that colour (core.mosaic.render_grid); with the same offsets, computed
+    from the same tiles, every deep cell has the colour of its tile in the render. A cell whose
+    car left the library shows the render's own (already treated) pixels: scale 1, offset 0."""
+    options = (mosaic.settings or {}).get("options", {})
+    shift, blend = float(options.get("shift", 0.0)), float(options.get("blend", 0.0))
+    colours = _target_colours(ctx, mosaic) if shift or blend else None
+    if colours is None:
+        return None
+    means = _tile_means(ctx, {car for car, _ in cars if car is not None}, mosaic.tile_px)
+    known = np.array([car in means for car, _ in cars])[:, None]
+    mean = np.array([means.get(car, np.zeros(3, np.float32)) for car, _ in cars], np.float32)
+    scale = np.where(known, 1 - blend, 1).astype(np.float32)
+    treated = (1 - blend) * shift * (colours - mean) + blend * colours
+    offset = np.where(known, treated, 0).astype(np.float32)
+    return scale.reshape(mosaic.rows, mosaic.cols, 1), offset.reshape(mosaic.rows, mosaic.cols, 3)
+
+
+def _tile_means(ctx: AppContext, car_ids: set[int], px: int) -> dict[int, np.ndarray]:
+    """Mean RGB of each car's tile as the render drew it (its thumbnail at px), in batches."""
+    ids, means = sorted(car_ids), {}
+    for start in range(0, len(ids), 500):
+        with ctx.db.session() as session:
+            thumbnails = car_rows.thumbnails(session, ids[start : start + 500])
+        batch = list(thumbnails)
+        tiles = load_tiles([thumbnails[car] for car in batch], px)
+        for car, mean in zip(batch, tiles.reshape(len(batch), -1, 3).mean(1, dtype=np.float32),
+                             strict=True):
+            means[car] = mean
+    return means
 
 
 def _target_colours(ctx: AppContext, mosaic: Mosaic) -> np.ndarray | None:
@@ -319,16 +356,22 @@ class _PngStream:
     @staticmethod
     def _pieces(strips: Iterator[np.ndarray], width: int, height: int) -> Iterator[bytes]:
         header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-        yield b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header)
+        yield b"\x89PNG\r\n\x1a\n"
+        yield from _chunk(b"IHDR", header)
         deflate = zlib.compressobj(0)
+        lines = None
         for strip in strips:
-            lines = np.zeros((strip.shape[0], 1 + width * 3), np.uint8)  # filter byte 0: none
+            if lines is None or lines.shape[0] != strip.shape[0]:
+                lines = np.zeros((strip.shape[0], 1 + width * 3), np.uint8)  # filter 0: none
             lines[:, 1:] = strip.reshape(strip.shape[0], -1)
             if data := deflate.compress(lines):
-                yield _chunk(b"IDAT", data)
-        yield _chunk(b"IDAT", deflate.flush()) + _chunk(b"IEND", b"")
+                yield from _chunk(b"IDAT", data)
+        yield from _chunk(b"IDAT", deflate.flush())
+        yield from _chunk(b"IEND", b"")
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    crc = zlib.crc32(data, zlib.crc32(kind))
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+def _chunk(kind: bytes, data: bytes) -> Iterator[bytes]:
+    """A PNG chunk in three pieces, so a row's data is never copied into a bigger buffer."""
+    yield struct.pack(">I", len(data)) + kind
+    yield data
+    yield struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
