@@ -31,6 +31,7 @@ browser:
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python bench/mosaic.py
+	$(BIN)/python bench/gallery.py
 	$(BIN)/python bench/attention.py
 	$(BIN)/python bench/kvcache.py
 	$(BIN)/python bench/qa.py
