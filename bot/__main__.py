@@ -24,7 +24,7 @@ from bot.web import start_gallery
 from core.context import AppContext
 from core.errors import ModelNotInstalled
 from core.settings import BadSettings, Settings, load_settings
-from core.worker import AnswerFn, JobQueue, Worker
+from core.worker import AnswerFn, JobQueue, Worker, exit_if_answers_running
 
 log = logging.getLogger("bot")
 
@@ -270,13 +270,16 @@ async def _main(settings: Settings, gallery: bool, answer_fn: AnswerFn | None) -
 
 def run(settings: Settings, gallery: bool = True, answer_fn: AnswerFn | None = None) -> int:
     """Serve until SIGTERM/SIGINT: 0 after a clean stop; 1, with one sentence on stderr, when
-    something could not start or an adapter stopped on its own."""
+    something could not start or an adapter stopped on its own. With an answer handed back
+    but its thread still inside the model, the process ends here with that status."""
+    code = 0
     try:
         asyncio.run(_main(settings, gallery, answer_fn))
     except StartupFailed as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+        code = 1
+    exit_if_answers_running(code)
+    return code
 
 
 def main(argv: list[str] | None = None) -> None:

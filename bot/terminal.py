@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import shlex
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
@@ -25,6 +26,7 @@ from bot.commands import (
     is_coordinate,
 )
 from core.context import AppContext
+from core.errors import ModelNotInstalled
 from core.worker import AnswerFn, JobQueue, JobView, Progress, Worker
 
 PLATFORM = "terminal"
@@ -56,20 +58,30 @@ USAGE = {
 }
 
 
-def lazy_pipeline(ctx: AppContext) -> AnswerFn:
-    """The real answer pipeline, loaded in the worker's thread at the first question (so
-    mosaic commands never wait for the models)."""
-    loaded: list = []
+class LazyPipeline:
+    """The real answer pipeline, loaded at the first question (mosaic commands never wait for
+    the models), before that question is queued: loading is not part of its answer time."""
 
-    def answer(job: JobView, progress: Progress):
-        if not loaded:
-            from core.qa.pipeline import AnswerPipeline
+    def __init__(self, ctx: AppContext):
+        self.ctx = ctx
+        self._pipeline = None
+        self._loading = threading.Lock()
 
-            progress("Loading the answering models (once per chat).")
-            loaded.append(AnswerPipeline(ctx))
-        return loaded[0].answer_job(job, progress)
+    @property
+    def loaded(self) -> bool:
+        return self._pipeline is not None
 
-    return answer
+    def load(self) -> None:
+        """Load the models (seconds); raises ModelNotInstalled naming what to install."""
+        with self._loading:
+            if self._pipeline is None:
+                from core.qa.pipeline import AnswerPipeline
+
+                self._pipeline = AnswerPipeline(self.ctx)
+
+    def __call__(self, job: JobView, progress: Progress):
+        self.load()
+        return self._pipeline.answer_job(job, progress)
 
 
 class TerminalStatus:
@@ -91,8 +103,10 @@ class TerminalStatus:
 class TerminalChat:
     """One person's conversation: what the last mosaic shown and the last answer were."""
 
-    def __init__(self, commands: Commands, updates: JobUpdates, out: TextIO, files_dir: Path):
+    def __init__(self, commands: Commands, updates: JobUpdates, out: TextIO, files_dir: Path,
+                 pipeline: LazyPipeline | None = None):
         self.commands = commands
+        self.pipeline = pipeline
         self.updates = updates
         self.queue = commands.queue
         self.out = out
@@ -206,6 +220,13 @@ class TerminalChat:
                         follow_up_of: int | None = None,
                         tile: tuple[int, str] | None = None) -> None:
         """Queue it, print its status as it moves, and wait for its answer."""
+        if self.pipeline is not None and not self.pipeline.loaded:
+            self.say("  ... Loading the answering models (once per chat).")
+            try:
+                await asyncio.to_thread(self.pipeline.load)
+            except ModelNotInstalled as error:
+                self.say(str(error))
+                return
         status = TerminalStatus(self.say)
 
         async def show(text: str) -> TerminalStatus:
@@ -262,10 +283,11 @@ async def chat(ctx: AppContext, stdin: TextIO = sys.stdin, out: TextIO = sys.std
     queue = JobQueue(ctx)
     updates = JobUpdates(queue)
     commands = Commands(ctx, queue, Cooldowns(0))
-    worker = Worker(ctx, answer_fn or lazy_pipeline(ctx), on_update=updates,
+    pipeline = LazyPipeline(ctx) if answer_fn is None else None
+    worker = Worker(ctx, answer_fn or pipeline, on_update=updates,
                     platforms=frozenset({PLATFORM}), poll_s=0.1)
     working = asyncio.create_task(worker.run_forever(), name="worker")
-    session = TerminalChat(commands, updates, out, ctx.settings.data_dir / "chat")
+    session = TerminalChat(commands, updates, out, ctx.settings.data_dir / "chat", pipeline)
     interactive = stdin.isatty()
     session.say(WELCOME)
     try:

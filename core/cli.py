@@ -339,6 +339,11 @@ def add_db_commands(commands) -> None:
         "upgrade", help="migrate the schema to the newest revision (also done on every start)"
     )
     upgrade.set_defaults(handler=db_upgrade)
+    revision = actions.add_parser(
+        "revision", help="(developers) write a migration for the models' changes since the newest"
+    )
+    revision.add_argument("message", help='what changes, e.g. "jobs gain a language"')
+    revision.set_defaults(handler=db_revision)
     sweep = actions.add_parser(
         "sweep", help="remove half-written media and media no mosaic, photo or question uses"
     )
@@ -355,6 +360,17 @@ def db_upgrade(ctx: AppContext, args: argparse.Namespace) -> int:
     with ctx.db.engine.connect() as connection:
         revision = current_revision(connection)
     print(f"Database schema at revision {revision} (newest: {head_revision()}).")
+    return 0
+
+
+def db_revision(ctx: AppContext, args: argparse.Namespace) -> int:
+    from storage.migrate import write_revision
+
+    path = write_revision(ctx.db.engine, args.message)
+    if path is None:
+        print("The models and the newest revision agree: no migration to write.")
+        return 0
+    print(f"Wrote {path}: read it, adjust it, and commit it with the models' change.")
     return 0
 
 
@@ -390,12 +406,16 @@ def chat_command(ctx: AppContext, args: argparse.Namespace) -> int:
     import asyncio
 
     from bot.terminal import chat
+    from core.worker import exit_if_answers_running
 
     try:
-        return asyncio.run(chat(ctx))
+        code = asyncio.run(chat(ctx))
     except KeyboardInterrupt:
         print()
-        return 0
+        code = 0
+    ctx.close()
+    exit_if_answers_running(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import itertools
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -63,6 +64,7 @@ FINAL_EVENTS = frozenset({"done", "failed", "timed_out", "cancelled"})
 UNEXPECTED_FAILURE = "Sorry, something went wrong while answering; please try again later."
 # Questions in one conversation, the first included: each turn makes the prompt longer.
 MAX_CONVERSATION_TURNS = 8
+ANSWER_THREAD = "answer-"
 
 _worker_numbers = itertools.count()
 
@@ -126,6 +128,25 @@ def check_question(question: str, max_chars: int) -> str:
             f"please keep it under {max_chars:,}."
         )
     return question
+
+
+def answers_still_running() -> list[threading.Thread]:
+    """Answer threads still alive (abandoned after a timeout, a cancel or a shutdown). An entry
+    point that exits while one is inside torch must leave with os._exit: interpreter shutdown
+    under a running torch thread aborts the process (C++ terminate)."""
+    return [t for t in threading.enumerate() if t.name.startswith(ANSWER_THREAD) and t.is_alive()]
+
+
+def exit_if_answers_running(code: int) -> None:
+    """Leave the process now with `code` (streams flushed) if an answer thread is still alive;
+    return otherwise. Call it last, once everything else is closed."""
+    if not answers_still_running():
+        return
+    log.info("an abandoned answer is still running: exiting without waiting for it")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def default_worker_id() -> str:
@@ -438,7 +459,7 @@ class Worker:
             except RuntimeError:
                 pass  # The event loop is gone: nobody is waiting for this answer.
 
-        name = f"answer-{self.worker_id}-job{view.id}"
+        name = f"{ANSWER_THREAD}{self.worker_id}-job{view.id}"
         threading.Thread(target=answer, name=name, daemon=True).start()
         return future
 

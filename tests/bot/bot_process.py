@@ -1,7 +1,8 @@
 """`python -m bot` as the tests run it in a subprocess: the real entry point (settings from the
 environment, signal handlers, adapters, gallery, worker), with two test-only stand-ins:
 
-- TEST_ANSWER_S: the answer function sleeps this long, then answers (no model is loaded);
+- TEST_ANSWER_S: the answer function computes with torch this long, never checking in (as a
+  model does inside one forward pass), then answers; no model is loaded;
 - TEST_DISCORD_API: discord.py talks to this local base URL instead of discord.com.
 """
 
@@ -10,12 +11,17 @@ import os
 import sys
 import time
 
+import torch
+
 from core.worker import AnswerResult
 
 
 def slow_answer(job, progress) -> AnswerResult:
     progress("Thinking.")
-    time.sleep(float(os.environ["TEST_ANSWER_S"]))
+    matrix = torch.rand(256, 256)
+    until = time.monotonic() + float(os.environ["TEST_ANSWER_S"])
+    while time.monotonic() < until:
+        matrix = torch.tanh(matrix @ matrix)
     return AnswerResult(f"Answer to: {job.question}")
 
 

@@ -154,3 +154,17 @@ async def test_the_chat_never_takes_another_platforms_question(ctx, tmp_path, ve
     lines = await talk(ctx, f"/ask {photo} what fuel?")
     assert lines[-1] == "Fake answer to: what fuel?"
     assert JobQueue(ctx).get(slack_job.job_id).status == "queued"
+
+
+def test_quitting_while_an_answer_cannot_be_stopped_exits_cleanly(tmp_path, vehicle_photos):
+    """An answer past JOB_TIMEOUT_S still inside torch: leaving must not abort the process."""
+    photo = tmp_path / "car.jpg"
+    photo.write_bytes(vehicle_photos[0].read_bytes())
+    env = {"TALKMOSAIC_DATA_DIR": str(tmp_path / "data"), "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": str(ROOT), "JOB_TIMEOUT_S": "1"}
+    finished = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "bot" / "chat_process.py")],
+        input=f"/ask {photo} what car?\n/quit\n", cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    assert "Sorry, answering took longer than 1 s, so I stopped" in finished.stdout
