@@ -1,28 +1,34 @@
-"""Load check of the chat command layer: 200 concurrent tile look-ups and 20 concurrent /ask
-submissions on a real mosaic (real car photos, temp data dir), with a fast fake answer function.
+"""Load check of the web gallery over loopback: 500 browsers at once look a tile up (its JSON,
+then its car photo, as the page does) while 20 others each ask a question, against the gallery
+served in a process of its own, with a worker that answers with a fast fake function.
 
-Pass: no errors, nothing lost (every look-up returns the right car, every question one answer),
-and the event loop never blocked for more than 100 ms (a 5 ms ticker measures the lag). Peers in
-the same run: the idle loop (lag floor), the look-ups run directly on the loop (what blocking
-looks like), and the look-ups called one by one without the command layer (throughput ratio).
+Each scenario prints errors, lost (a wrong car, label or answer), requests/s, p50/p99 latency
+and the worst block of the server's event loop (a 5 ms ticker inside the server process). The
+same run serves the same look-ups with the tile cache off (the baseline) and on.
 
-    python bench/load.py [--photos 1600] [--cols 60] [--out bench/results/load-cpu.txt]
+    python bench/load.py [--photos 1600] [--cols 60] [--rounds 5] [--out bench/results/load-cpu.txt]
 """
 
 import argparse
 import asyncio
+import json
+import multiprocessing
+import os
 import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
+import aiohttp
+from aiohttp import web
 from sqlalchemy import select
 
-from bot.commands import Commands, Cooldowns, JobUpdates
+from bot.loopshare import freeze_startup_objects
+from bot.web import LISTEN_BACKLOG, TILES, bound_port, make_gallery_app
 from core.context import AppContext
-from core.gallery import tile_lookup
 from core.library import ingest_paths
 from core.mosaic import MosaicOptions, build_mosaic, format_coordinate
 from core.settings import Settings
@@ -30,10 +36,15 @@ from core.worker import AnswerResult, JobQueue, Worker
 from storage.models import Car, Tile
 
 VEHICLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "vehicles"
-LOOKUPS = 200
+BROWSERS = 500
 ASKS = 20
 MAX_LAG_MS = 100.0
+GOAL_RPS = 2000
+GOAL_P99_MS = 300.0
 TICK_S = 0.005
+
+
+# The server process -----------------------------------------------------------------------
 
 
 class LagMeter:
@@ -41,43 +52,155 @@ class LagMeter:
 
     def __init__(self):
         self.max_lag = 0.0
-        self._task: asyncio.Task | None = None
 
-    async def _tick(self) -> None:
+    async def run(self) -> None:
         while True:
             expected = time.perf_counter() + TICK_S
             await asyncio.sleep(TICK_S)
             self.max_lag = max(self.max_lag, time.perf_counter() - expected)
 
-    async def __aenter__(self) -> "LagMeter":
-        self._task = asyncio.get_running_loop().create_task(self._tick())
-        await asyncio.sleep(0)
-        return self
-
-    async def __aexit__(self, *_exc) -> None:
-        # Let the ticker wake once more: a block that just ended is only seen when it does.
-        await asyncio.sleep(2 * TICK_S)
-        self._task.cancel()
+    def take(self) -> float:
+        worst, self.max_lag = self.max_lag, 0.0
+        return worst
 
 
 def fake_answer(job, progress) -> AnswerResult:
     progress("Looking at your photo.")
     time.sleep(0.02)  # a fast stand-in for the model, off the loop like the real one
-    return AnswerResult(f"answer {job.id}: {job.question}")
+    return AnswerResult(f"Answer to {job.question}")
 
 
-class RecordedStatus:
-    def __init__(self):
-        self.updates: list[str] = []
-        self.answers: list[str] = []
-        self.done = asyncio.Event()
+def serve(data_dir: str, cache_mb: float, conn) -> None:
+    asyncio.run(_serve(Path(data_dir), cache_mb, conn))
 
-    async def update(self, text: str) -> None:
-        self.updates.append(text)
 
-    async def finish(self, text: str) -> None:
-        self.answers.append(text)
-        self.done.set()
+async def _serve(data_dir: Path, cache_mb: float, conn) -> None:
+    settings = Settings(data_dir=data_dir, database_url=None, gallery_tile_cache_mb=cache_mb)
+    ctx = AppContext.open(settings)
+    app = make_gallery_app(ctx, JobQueue(ctx))
+    meter = LagMeter()
+
+    async def lag(request: web.Request) -> web.Response:
+        # Bench only: the worst block since the last call, and the cache's counters.
+        tiles = request.app[TILES]
+        report = {"lag_s": meter.take(), "cpu_s": time.process_time(), "hits": tiles.hits,
+                  "misses": tiles.misses}
+        return web.json_response(report)
+
+    app.router.add_get("/_bench/lag", lag)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, backlog=LISTEN_BACKLOG).start()
+    freeze_startup_objects()  # as start_gallery does
+    ticking = asyncio.create_task(meter.run())
+    working = asyncio.create_task(Worker(ctx, fake_answer).run_forever())
+    conn.send(bound_port(runner))
+    await asyncio.to_thread(conn.recv)  # until the bench says stop
+    for task in (ticking, working):
+        task.cancel()
+    await asyncio.gather(ticking, working, return_exceptions=True)
+    await runner.cleanup()
+    ctx.close()
+
+
+# The browsers -----------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    requests: int = 0
+    errors: int = 0
+    lost: int = 0
+    wall: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+
+    def add(self, other: "Outcome") -> "Outcome":
+        return Outcome(self.requests + other.requests, self.errors + other.errors,
+                       self.lost + other.lost, max(self.wall, other.wall),
+                       self.latencies + other.latencies)
+
+
+async def _get(http: aiohttp.ClientSession, url: str, outcome: Outcome) -> bytes | None:
+    outcome.requests += 1
+    started = time.perf_counter()
+    try:
+        async with http.get(url) as response:
+            body = await response.read()
+    except (aiohttp.ClientError, OSError):
+        outcome.errors += 1
+        return None
+    outcome.latencies.append(time.perf_counter() - started)
+    if response.status != 200:
+        outcome.errors += 1
+        return None
+    return body
+
+
+async def look_ups(base: str, mosaic_id: int, plan: list[list[str]],
+                   expected: dict[str, bytes]) -> Outcome:
+    """Every browser of `plan` at once, each looking its tiles up one after the other."""
+    outcome = Outcome()
+    connector = aiohttp.TCPConnector(limit=0)
+
+    async def browser(http: aiohttp.ClientSession, labels: list[str]) -> None:
+        for label in labels:
+            tile_url = f"{base}/api/mosaics/{mosaic_id}/tiles/{label}"
+            body = await _get(http, tile_url, outcome)
+            if body is None:
+                continue
+            if json.loads(body)["label"] != label:
+                outcome.lost += 1
+            photo = await _get(http, tile_url + "/photo", outcome)
+            if photo is not None and photo != expected[label]:
+                outcome.lost += 1
+
+    async with aiohttp.ClientSession(connector=connector) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(browser(http, labels) for labels in plan))
+        outcome.wall = time.perf_counter() - started
+    return outcome
+
+
+async def asks(base: str, mosaic_id: int, labels: list[str], first: int) -> Outcome:
+    """ASKS browsers open the mosaic's page (their session), ask about a tile, and poll for
+    the answer; a latency is submit to answer."""
+    outcome = Outcome()
+
+    async def one(i: int) -> None:
+        outcome.requests += 1
+        question = f"question {first + i}?"
+        jar = aiohttp.CookieJar(unsafe=True)  # the gallery is on 127.0.0.1
+        async with aiohttp.ClientSession(cookie_jar=jar, headers={"Origin": base}) as http:
+            try:
+                async with http.get(f"{base}/m/{mosaic_id}") as response:
+                    await response.read()
+                started = time.perf_counter()
+                url = f"{base}/api/mosaics/{mosaic_id}/tiles/{labels[i]}/ask"
+                async with http.post(url, data={"question": question}) as response:
+                    if response.status != 200:
+                        outcome.errors += 1
+                        return
+                    job = (await response.json())["job"]
+                while True:
+                    await asyncio.sleep(0.05)
+                    async with http.get(f"{base}/api/jobs/{job}") as response:
+                        status = await response.json()
+                    if status["status"] not in ("queued", "running"):
+                        break
+            except (aiohttp.ClientError, OSError):
+                outcome.errors += 1
+                return
+        outcome.latencies.append(time.perf_counter() - started)
+        if status["status"] != "done" or status["answer"] != f"Answer to {question}":
+            outcome.lost += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(ASKS)))
+    outcome.wall = time.perf_counter() - started
+    return outcome
+
+
+# The run ------------------------------------------------------------------------------------
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -85,142 +208,125 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def row(name, ops, errors, lost, wall, latencies, lag, ratio="") -> list[str]:
-    return [name, str(ops), str(errors), str(lost), f"{wall:.2f}", f"{ops / wall:.0f}",
-            f"{percentile(latencies, 0.5) * 1000:.1f}" if latencies else "-",
-            f"{percentile(latencies, 0.95) * 1000:.1f}" if latencies else "-",
-            "-" if lag is None else f"{lag * 1000:.1f}", ratio]
+HEADER = ["scenario", "requests", "errors", "lost", "wall s", "req/s", "p50 ms", "p99 ms",
+          "server loop worst block ms", "server CPU us/req", "req/s vs cache off"]
 
 
-async def timed(coro) -> tuple[object, float]:
-    started = time.perf_counter()
-    result = await coro
-    return result, time.perf_counter() - started
+def row(name: str, outcome: Outcome, lag_s: float, cpu_s: float | None,
+        baseline_rps: float | None) -> list[str]:
+    rps = outcome.requests / outcome.wall if outcome.wall else 0.0
+    lat = outcome.latencies
+    # Server CPU per request does not depend on how busy the shared machine is: the capacity.
+    cpu = f"{cpu_s / outcome.requests * 1e6:.0f}" if cpu_s is not None and outcome.requests else "-"
+    return [name, str(outcome.requests), str(outcome.errors), str(outcome.lost),
+            f"{outcome.wall:.2f}", f"{rps:.0f}",
+            f"{percentile(lat, 0.5) * 1000:.1f}" if lat else "-",
+            f"{percentile(lat, 0.99) * 1000:.1f}" if lat else "-",
+            f"{lag_s * 1000:.1f}", cpu, f"{rps / baseline_rps:.2f}" if baseline_rps else ""]
 
 
-async def run(photos: int, cols: int) -> tuple[list[list[str]], bool]:
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(data_dir=Path(tmp) / "data", database_url=None)
-        ctx = AppContext.open(settings)
-        paths = sorted(VEHICLES.glob("*/*.jpg"))[:: max(1, 1600 // photos)][:photos]
-        ingest_paths(ctx, paths, progress=False)
-        target = files("core.assets").joinpath("panda.png").read_bytes()
-        mosaic = build_mosaic(ctx, target, "load", options=MosaicOptions(cols=cols))
-        with ctx.db.session() as session:
-            tiles = session.execute(
-                select(Tile.row, Tile.col, Car.media_key)
-                .join(Car, Car.id == Tile.car_id)
-                .where(Tile.mosaic_id == mosaic.id)
-            ).all()
-        expected = {format_coordinate(r, c): ctx.media.read(key) for r, c, key in tiles}
-        rng = random.Random(0)
-        coords = [rng.choice(list(expected)) for _ in range(LOOKUPS)]
+class Server:
+    """The gallery in its own process on the prepared data directory."""
 
-        queue = JobQueue(ctx, max_pending=ASKS * 2, per_user=1)
-        updates = JobUpdates(queue)
-        commands = Commands(ctx, queue, Cooldowns(0))
-        await commands.remember("bench", "c1", "m1", mosaic.id)
-        limit = settings.preview_max_bytes
-        rows = []
+    def __init__(self, data_dir: Path, cache_mb: float):
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=serve, args=(str(data_dir), cache_mb, child))
 
-        async with LagMeter() as idle:
-            await asyncio.sleep(1.0)
-        rows.append(row("idle loop (lag floor)", 0, 0, 0, 1.0, [], idle.max_lag))
+    async def __aenter__(self) -> "Server":
+        self._process.start()
+        port = await asyncio.to_thread(self._conn.recv)
+        self.base = f"http://127.0.0.1:{port}"
+        return self
 
-        started = time.perf_counter()
-        for coord in coords:
-            tile_lookup(ctx, mosaic, coord)
-        direct_wall = time.perf_counter() - started
-        rows.append(row("core look-ups, one by one", LOOKUPS, 0, 0, direct_wall, [], None, "1.00"))
+    async def __aexit__(self, *_exc) -> None:
+        self._conn.send("stop")
+        await asyncio.to_thread(self._process.join, 30)
 
-        async def blocking_lookup(coord: str):
-            return tile_lookup(ctx, mosaic, coord)
-
-        async with LagMeter() as lag:
-            started = time.perf_counter()
-            await asyncio.gather(*(blocking_lookup(c) for c in coords))
-            wall = time.perf_counter() - started
-        rows.append(row("look-ups on the loop (naive)", LOOKUPS, 0, 0, wall, [], lag.max_lag,
-                        f"{direct_wall / wall:.2f}"))
-
-        async def lookups() -> tuple[int, int, list[float], float]:
-            started = time.perf_counter()
-            results = await asyncio.gather(*(timed(commands.tile_for_message(
-                "bench", "c1", "m1", c, limit)) for c in coords), return_exceptions=True)
-            wall = time.perf_counter() - started
-            errors = sum(isinstance(r, BaseException) or r[0].ephemeral for r in results)
-            lost = sum(not isinstance(r, BaseException) and not r[0].ephemeral
-                       and r[0].files[0][1] != expected[c]
-                       for r, c in zip(results, coords, strict=True))
-            latencies = [r[1] for r in results if not isinstance(r, BaseException)]
-            return errors, lost, latencies, wall
-
-        async with LagMeter() as lag:
-            errors, lost, latencies, wall = await lookups()
-        lookup_ok = errors == 0 and lost == 0 and lag.max_lag * 1000 < MAX_LAG_MS
-        rows.append(row("200 tile look-ups (commands)", LOOKUPS, errors, lost, wall, latencies,
-                        lag.max_lag, f"{direct_wall / wall:.2f}"))
-
-        worker = Worker(ctx, fake_answer, on_update=updates, poll_s=0.05)
-        worker_task = asyncio.create_task(worker.run_forever())
-        photo_bytes = [p.read_bytes() for p in paths[:ASKS]]
-
-        async def one_ask(i: int) -> tuple[RecordedStatus | None, float]:
-            status = RecordedStatus()
-
-            async def show(text: str) -> RecordedStatus:
-                status.updates.append(text)
-                return status
-
-            started = time.perf_counter()
-            reply = await updates.follow(commands.ask(
-                "bench", f"user{i}", {"n": i}, photo_bytes[i], f"question {i}?"), show)
-            if reply.job_id is None:
-                return None, 0.0
-            await asyncio.wait_for(status.done.wait(), 120)
-            return status, time.perf_counter() - started
-
-        async def asks(first: int) -> tuple[int, int, list[float], float]:
-            started = time.perf_counter()
-            numbers = range(first, first + ASKS)
-            results = await asyncio.gather(*(one_ask(i) for i in numbers),
-                                           return_exceptions=True)
-            wall = time.perf_counter() - started
-            errors = sum(isinstance(r, BaseException) or r[0] is None for r in results)
-            lost = sum(not isinstance(r, BaseException) and r[0] is not None
-                       and (len(r[0].answers) != 1 or f": question {i}?" not in r[0].answers[0])
-                       for i, r in zip(numbers, results, strict=True))
-            latencies = [r[1] for r in results if not isinstance(r, BaseException) and r[0]]
-            return errors, lost, latencies, wall
-
-        async with LagMeter() as lag:
-            errors, lost, latencies, wall = await asks(0)
-        ask_ok = errors == 0 and lost == 0 and lag.max_lag * 1000 < MAX_LAG_MS
-        rows.append(row("20 /ask, submit to answer", ASKS, errors, lost, wall, latencies,
-                        lag.max_lag))
-
-        # Both at once: new users, so the per-user queue limit does not refuse them.
-        photo_bytes = photo_bytes * 2
-        async with LagMeter() as lag:
-            (e1, l1, lat1, w1), (e2, l2, lat2, w2) = await asyncio.gather(
-                lookups(), asks(ASKS))
-        mixed_ok = e1 + e2 + l1 + l2 == 0 and lag.max_lag * 1000 < MAX_LAG_MS
-        rows.append(row("both at once", LOOKUPS + ASKS, e1 + e2, l1 + l2, max(w1, w2),
-                        lat1 + lat2, lag.max_lag))
-
-        worker_task.cancel()
-        await asyncio.gather(worker_task, return_exceptions=True)
-        ctx.close()
-        return rows, lookup_ok and ask_ok and mixed_ok
+    async def counters(self) -> dict:
+        """The worst loop block since the last call (and the cache's hits and misses)."""
+        async with aiohttp.ClientSession() as http, http.get(self.base + "/_bench/lag") as r:
+            return await r.json()
 
 
-HEADER = ["scenario", "ops", "errors", "lost", "wall s", "ops/s", "p50 ms", "p95 ms",
-          "max loop lag ms", "speed vs one by one"]
+def prepare(data_dir: Path, photos: int, cols: int) -> tuple[int, dict[str, bytes]]:
+    """A real mosaic of real car photos; returns its id and each tile's expected photo."""
+    ctx = AppContext.open(Settings(data_dir=data_dir, database_url=None))
+    paths = sorted(VEHICLES.glob("*/*.jpg"))[:: max(1, 1600 // photos)][:photos]
+    ingest_paths(ctx, paths, progress=False)
+    target = files("core.assets").joinpath("panda.png").read_bytes()
+    mosaic = build_mosaic(ctx, target, "load", options=MosaicOptions(cols=cols))
+    with ctx.db.session() as session:
+        tiles = session.execute(
+            select(Tile.row, Tile.col, Car.media_key)
+            .join(Car, Car.id == Tile.car_id)
+            .where(Tile.mosaic_id == mosaic.id)
+        ).all()
+    expected = {format_coordinate(r, c): ctx.media.read(key) for r, c, key in tiles}
+    ctx.close()
+    return mosaic.id, expected
+
+
+async def run(data_dir: Path, mosaic_id: int, expected: dict[str, bytes], rounds: int):
+    rng = random.Random(0)
+    labels = list(expected)
+    plan = [[rng.choice(labels) for _ in range(rounds)] for _ in range(BROWSERS)]
+    ask_labels = [rng.choice(labels) for _ in range(ASKS)]
+    rows: list[list[str]] = []
+    passed = True
+    cpu_per_request: dict[str, float] = {}
+
+    async def scenario(server: Server, name: str, work, baseline: float | None) -> Outcome:
+        nonlocal passed
+        before = await server.counters()  # also starts the worst-block count afresh
+        outcome = await work
+        counters = await server.counters()
+        cpu_s = counters["cpu_s"] - before["cpu_s"]
+        rows.append(row(name, outcome, counters["lag_s"], cpu_s, baseline))
+        cpu_per_request[name] = cpu_s / outcome.requests
+        passed &= outcome.errors == 0 and outcome.lost == 0
+        passed &= counters["lag_s"] * 1000 < MAX_LAG_MS
+        return outcome
+
+    lookups = f"{BROWSERS} browsers x {rounds} look-ups"
+    async with Server(data_dir, 0) as server:
+        await asyncio.sleep(1.0)
+        await server.counters()
+        await asyncio.sleep(1.0)
+        rows.append(row("idle server (lag floor)", Outcome(wall=1.0),
+                        (await server.counters())["lag_s"], None, None))
+        off = await scenario(server, f"cache off: {lookups}",
+                             look_ups(server.base, mosaic_id, plan, expected), None)
+        baseline = off.requests / off.wall
+        await scenario(server, f"cache off: {ASKS} asks", asks(server.base, mosaic_id,
+                                                               ask_labels, 0), None)
+    async with Server(data_dir, 64) as server:
+        await scenario(server, f"cache on, first visit: {lookups}",
+                       look_ups(server.base, mosaic_id, plan, expected), baseline)
+        warm = await scenario(server, f"cache on, warm: {lookups}",
+                              look_ups(server.base, mosaic_id, plan, expected), baseline)
+        await scenario(server, f"cache on: {ASKS} asks",
+                       asks(server.base, mosaic_id, ask_labels, ASKS), None)
+
+        async def both() -> Outcome:
+            seen, asked = await asyncio.gather(
+                look_ups(server.base, mosaic_id, plan, expected),
+                asks(server.base, mosaic_id, ask_labels, 2 * ASKS))
+            return seen.add(asked)
+
+        await scenario(server, f"cache on, warm: look-ups + {ASKS} asks at once", both(),
+                       baseline)
+    warm_rps = warm.requests / warm.wall
+    warm_p99 = percentile(warm.latencies, 0.99) * 1000 if warm.latencies else float("inf")
+    goal = warm_rps >= GOAL_RPS and warm_p99 < GOAL_P99_MS
+    warm_cpu = cpu_per_request[f"cache on, warm: {lookups}"]
+    off_cpu = cpu_per_request[f"cache off: {lookups}"]
+    return rows, passed, goal, (off_cpu, warm_cpu)
 
 
 def table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
-    lines = [" | ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True))
+    lines = [" | ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
              for r in [HEADER, *rows]]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -230,14 +336,31 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=int, default=1600)
     parser.add_argument("--cols", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=5, help="look-ups per browser")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    rows, passed = asyncio.run(run(args.photos, args.cols))
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp) / "data"
+        mosaic_id, expected = prepare(data_dir, args.photos, args.cols)
+        rows, passed, goal, (off_cpu, warm_cpu) = asyncio.run(
+            run(data_dir, mosaic_id, expected, args.rounds))
+    load = os.getloadavg()[0]
     report = (
-        f"Load check: {LOOKUPS} tile look-ups and {ASKS} /ask through bot.commands, real "
-        f"mosaic ({args.cols} cols) of {args.photos} real car photos, fake 20 ms answers; "
-        f"loop lag limit {MAX_LAG_MS:.0f} ms\n\n{table(rows)}\n\n"
-        f"result: {'PASS' if passed else 'FAIL'}\n"
+        f"Load check of the web gallery over loopback: {BROWSERS} browsers at once, each looking "
+        f"{args.rounds} tiles up (JSON, then the photo), and {ASKS} asks (page, POST, poll) "
+        f"with fake 20 ms answers; real mosaic ({args.cols} cols, {len(expected)} tiles) of "
+        f"{args.photos} real car photos; the gallery in its own process, the browsers in this "
+        f"one; {os.cpu_count()} CPUs, load average {load:.1f} at the end\n\n{table(rows)}\n\n"
+        f"result: {'PASS' if passed else 'FAIL'} (no errors, nothing lost, server loop never "
+        f"blocked {MAX_LAG_MS:.0f} ms)\n"
+        f"goal (warm cache >= {GOAL_RPS} req/s and p99 < {GOAL_P99_MS:.0f} ms): "
+        f"{'met' if goal else 'not met'}\n\n"
+        f"server CPU us/req is the gallery process's CPU time per request (for an ask: its page, "
+        f"POST, polls and the worker answering it); it barely depends on how busy the machine "
+        f"is: a warm look-up costs {warm_cpu * 1e6:.0f} us against {off_cpu * 1e6:.0f} us with "
+        f"the cache off ({off_cpu / warm_cpu:.1f}x less), about {1 / warm_cpu:.0f} req/s on one "
+        f"free core. Wall times, req/s, p99 and loop blocks grow with the machine's load "
+        f"(the idle row is the floor).\n"
     )
     print(report)
     if args.out:

@@ -148,7 +148,9 @@ def _own_origins(request: web.Request, settings: Settings) -> set[str]:
     # The address the browser used counts only when it names this machine by number or as
     # localhost: any other name must be GALLERY_PUBLIC_URL, or a DNS-rebinding page whose Host
     # and Origin agree would pass.
-    own = _origin(f"{request.scheme}://{request.host}")
+    # The Host header itself: without one, aiohttp's request.host would ask the resolver.
+    host_header = request.headers.get("Host")
+    own = _origin(f"{request.scheme}://{host_header}") if host_header else None
     if own is not None:
         host = URL(own).host
         if host in LOOPBACK_NAMES or host == settings.gallery_host or _is_ip(host):
