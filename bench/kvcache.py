@@ -3,7 +3,9 @@
 SmolLM2-135M-Instruct reads a real English text (GPL-3): a prefix fills the cache, then the
 next tokens are fed through the cache in small chunks, so every scored token attends to what the
 cache kept. Prints one table: KV bytes, bits per element, perplexity ratio and top-1 agreement
-against DynamicCache, and decode time per token.
+against DynamicCache, decode time per token and bytes allocated per decode step. SAQ rows come
+twice: attending to a dequantized copy of the whole cache each step, and "in place" (inside
+`staircase_attention`: q.K and p.V on the stored stairs, chunk by chunk).
 
     PYTHONPATH=. python bench/kvcache.py [--prefix 3840 --score 256 --chunk 16 --device cuda]
 """
@@ -20,7 +22,8 @@ from transformers.cache_utils import Cache
 
 from core.vlm.config import SAQConfig
 from core.vlm.loader import load_smollm2
-from core.vlm.saq import StaircaseCache
+from core.vlm.memory import AllocationMeter
+from core.vlm.saq import StaircaseCache, staircase_attention
 
 STAIRCASES = {
     "SAQ 8/4 S128 G32 (default)": SAQConfig(),
@@ -40,6 +43,7 @@ def candidates(config) -> dict[str, Callable[[], Cache]]:
             )
     for name, saq in STAIRCASES.items():
         caches[name] = lambda saq=saq: StaircaseCache(config, saq)
+        caches[f"{name} in place"] = lambda saq=saq: StaircaseCache(config, saq)
     return caches
 
 
@@ -71,8 +75,15 @@ def prefill(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def run(model, cache: Cache, prefix_kv, ids: torch.Tensor, args, in_place: bool) -> dict:
+    if not in_place:
+        return _run(model, cache, prefix_kv, ids, args)
+    with staircase_attention(model, cache):
+        return _run(model, cache, prefix_kv, ids, args)
+
+
 @torch.inference_mode()
-def run(model, cache: Cache, prefix_kv, ids: torch.Tensor, args) -> dict:
+def _run(model, cache: Cache, prefix_kv, ids: torch.Tensor, args) -> dict:
     for layer_idx, (keys, values) in enumerate(prefix_kv):
         cache.update(keys.clone(), values.clone(), layer_idx)
     logits = []
@@ -81,13 +92,22 @@ def run(model, cache: Cache, prefix_kv, ids: torch.Tensor, args) -> dict:
         logits.append(model(input_ids=chunk[None], past_key_values=cache).logits[0].float())
     nbytes = kv_bytes(cache)
     start = args.prefix + args.score
+    # One untimed step measured for what it allocates (the model's own tensors included).
+    with AllocationMeter() as meter:
+        model(input_ids=ids[start].view(1, 1), past_key_values=cache)
+    start += 1
     sync(ids.device)
     began = time.perf_counter()
     for token in ids[start : start + args.decode]:
         model(input_ids=token.view(1, 1), past_key_values=cache)
     sync(ids.device)
     seconds_per_token = (time.perf_counter() - began) / args.decode
-    return {"logits": torch.cat(logits)[:-1], "bytes": nbytes, "s_per_token": seconds_per_token}
+    return {
+        "logits": torch.cat(logits)[:-1],
+        "bytes": nbytes,
+        "s_per_token": seconds_per_token,
+        "allocated": meter.allocations.total,
+    }
 
 
 def sync(device: torch.device) -> None:
@@ -111,7 +131,7 @@ def main() -> None:
     model, tokenizer = load_smollm2(dtype=dtype)
     model.to(device)
     ids = tokenizer(args.text.read_text(), return_tensors="pt").input_ids[0].to(device)
-    needed = args.prefix + args.score + args.decode
+    needed = args.prefix + args.score + args.decode + 1
     if len(ids) < needed:
         raise SystemExit(f"{args.text} has {len(ids)} tokens, the run needs {needed}")
     prefix_kv = prefill(model, ids[: args.prefix])
@@ -124,9 +144,9 @@ def main() -> None:
     rows = []
     for name, make_cache in candidates(config).items():
         try:
-            result = run(model, make_cache(), prefix_kv, ids, args)
+            result = run(model, make_cache(), prefix_kv, ids, args, name.endswith("in place"))
         except Exception as error:  # a peer backend that does not run here is reported, not fatal
-            rows.append(f"{name:<32} failed: {type(error).__name__}: {str(error)[:80]}")
+            rows.append(f"{name:<41} failed: {type(error).__name__}: {str(error)[:80]}")
             continue
         logits = result["logits"]
         nll = torch.nn.functional.cross_entropy(logits, targets).item()
@@ -134,21 +154,23 @@ def main() -> None:
         agree = (logits.argmax(-1) == reference["logits"].argmax(-1)).float().mean().item()
         nbytes, seconds = result["bytes"], result["s_per_token"]
         rows.append(
-            f"{name:<32} {nbytes / 2**20:8.2f} {nbytes / reference['bytes']:7.3f}"
+            f"{name:<41} {nbytes / 2**20:8.2f} {nbytes / reference['bytes']:7.3f}"
             f" {8 * nbytes / elements:6.2f} {math.exp(nll):8.3f}"
             f" {math.exp(nll) / reference['ppl']:7.4f} {agree:7.3f}"
             f" {1e3 * seconds:8.1f} {seconds / reference['s_per_token']:6.2f}"
+            f" {result['allocated'] / 2**20:9.1f}"
         )
 
     print(
         f"SmolLM2-135M-Instruct, {args.text.name}: {args.prefix} prefix tokens, then"
         f" {args.score} scored in chunks of {args.chunk}; KV measured at"
-        f" {args.prefix + args.score} tokens; {args.decode} decode steps timed;"
+        f" {args.prefix + args.score} tokens; {args.decode} decode steps timed; alloc: bytes"
+        " of new storages one decode step's ops return, the whole model's;"
         f" {device.type} {str(dtype).removeprefix('torch.')}, torch {torch.__version__}"
     )
     print(
-        f"{'cache':<32} {'KV MiB':>8} {'x dyn':>7} {'bits':>6} {'ppl':>8} {'ppl x':>7}"
-        f" {'top-1':>7} {'ms/tok':>8} {'t x':>6}"
+        f"{'cache':<41} {'KV MiB':>8} {'x dyn':>7} {'bits':>6} {'ppl':>8} {'ppl x':>7}"
+        f" {'top-1':>7} {'ms/tok':>8} {'t x':>6} {'alloc MiB':>9}"
     )
     print("\n".join(rows))
 

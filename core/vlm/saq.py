@@ -382,16 +382,18 @@ def _scores(q: torch.Tensor, keys: Stored) -> torch.Tensor:
 
 
 def _weighted_values(weights: torch.Tensor, values: Stored) -> torch.Tensor:
-    """weights (b, h, g, n) float32 times values (b, h, n, d): (b, h, g, d)."""
+    """weights (b, h, g, n) float32 times values (b, h, n, d): (b, h, g, d).
+
+    Quantized values are grouped over channels per token, so one chunk dequantizes in place
+    in its own layout (codes * scale + low, one fused op) and meets the weights in one matmul.
+    """
     if not isinstance(values, QuantizedGroups):
         return weights @ values.float()
-    # Values are grouped over channels per token: packed (b, h, n, d / Gv, Gv * bits / 8).
+    # packed (b, h, n, d / Gv, Gv * bits / 8)
     size = values.shape[-1] // values.scale.shape[-1]
-    codes = unpack(values.packed, values.bits, size).float()  # (b, h, n, d / Gv, Gv)
-    scale, low = values.scale.float(), values.low.float()  # (b, h, n, d / Gv)
-    coded = torch.einsum("bhgnc,bhncj->bhgcj", weights[..., None] * scale[:, :, None], codes)
-    out = coded + (weights @ low)[..., None]
-    return out.flatten(-2)
+    codes = unpack(values.packed, values.bits, size)
+    scale, low = values.scale[..., None].float(), values.low[..., None].float()
+    return weights @ torch.addcmul(low, codes, scale).flatten(-2)
 
 
 STAIRCASE_ATTENTION = "staircase"
