@@ -33,16 +33,16 @@ def include_name(name: str | None, type_: str, _parent_names) -> bool:
     return not (type_ == "table" and name in FOREIGN_TABLES)
 
 
-def alembic_config(connection: Connection | None = None) -> Config:
+def alembic_config(connection: Connection | None = None, scripts: Path = SCRIPTS) -> Config:
     config = Config()
-    config.set_main_option("script_location", str(SCRIPTS))
+    config.set_main_option("script_location", str(scripts))
     config.attributes["connection"] = connection
     return config
 
 
 @functools.cache
-def head_revision() -> str:
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+def head_revision(scripts: Path = SCRIPTS) -> str:
+    return ScriptDirectory.from_config(alembic_config(scripts=scripts)).get_current_head()
 
 
 def current_revision(connection: Connection) -> str | None:
@@ -92,3 +92,21 @@ def upgrade_schema(engine: Engine) -> str:
             command.stamp(config, adopted)
         command.upgrade(config, "head")
     return head
+
+
+def write_revision(engine: Engine, message: str, scripts: Path = SCRIPTS) -> Path | None:
+    """Autogenerates the next revision (0003, ...) from the models against a database at the
+    newest revision; None when they already agree."""
+    from alembic.autogenerate import compare_metadata
+
+    with engine.connect() as connection:
+        context = MigrationContext.configure(
+            connection, opts={"compare_type": True, "include_name": include_name})
+        if not compare_metadata(context, Base.metadata):
+            return None
+    with engine.begin() as connection:
+        script = command.revision(alembic_config(connection, scripts), message=message,
+                                  autogenerate=True,
+                                  rev_id=f"{int(head_revision(scripts)) + 1:04d}")
+    head_revision.cache_clear()
+    return Path(script.path)

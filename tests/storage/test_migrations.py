@@ -1,6 +1,7 @@
 """Schema migrations on SQLite and PostgreSQL: the revisions build exactly the models' tables,
 and databases made by `create_all` before migrations are adopted and upgraded with every row."""
 
+import shutil
 import threading
 
 import pytest
@@ -10,7 +11,14 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, func, inspect, select
 
 from storage.db import Database, make_engine
-from storage.migrate import alembic_config, current_revision, head_revision, include_name
+from storage.migrate import (
+    SCRIPTS,
+    alembic_config,
+    current_revision,
+    head_revision,
+    include_name,
+    write_revision,
+)
 from storage.models import (
     AnswerMessage,
     Base,
@@ -146,3 +154,26 @@ def test_hosts_starting_together_migrate_once(db_url):
     with engine.connect() as connection:
         assert current_revision(connection) == head_revision()
     engine.dispose()
+
+
+def test_db_revision_writes_nothing_when_the_models_agree(tmp_path):
+    db = Database.open(f"sqlite:///{tmp_path / 'tm.db'}")
+    assert write_revision(db.engine, "nothing") is None
+    db.close()
+
+
+def test_db_revision_writes_the_next_migration_for_a_change(tmp_path):
+    scripts = tmp_path / "migrations"
+    shutil.copytree(SCRIPTS, scripts, ignore=shutil.ignore_patterns("__pycache__"))
+    url = f"sqlite:///{tmp_path / 'tm.db'}"
+    db = Database.open(url)
+    with db.engine.begin() as connection:  # a database one table behind the models
+        connection.exec_driver_sql("DROP TABLE answer_messages")
+    path = write_revision(db.engine, "answer messages again", scripts)
+    assert path.name == "0003_answer_messages_again.py"
+    assert 'down_revision: str | None = "0002"' in path.read_text()
+    assert "op.create_table(" in path.read_text() and "answer_messages" in path.read_text()
+    with db.engine.begin() as connection:
+        command.upgrade(alembic_config(connection, scripts), "head")
+    assert _differences(db.engine) == []
+    db.close()
