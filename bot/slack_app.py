@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 import aiohttp
 from slack_bolt.async_app import AsyncApp, AsyncBoltContext
+from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from yarl import URL
 
@@ -191,7 +192,12 @@ def make_slack_app(
                                      initial_comment=comment)
 
     async def latest_image(channel: str, user: str, hint: str) -> dict:
-        history = await client.conversations_history(channel=channel, limit=HISTORY_LIMIT)
+        try:
+            history = await client.conversations_history(channel=channel, limit=HISTORY_LIMIT)
+        except SlackApiError as error:
+            if error.response.get("error") in ("not_in_channel", "channel_not_found"):
+                raise UserError(NOT_INVITED) from None
+            raise
         for message in history.get("messages", []):
             if message.get("user") != user:
                 continue
@@ -489,6 +495,8 @@ ASK_USAGE = "Usage: /ask QUESTION (about the last photo of a car you shared in t
 EMPTY_QUESTION = 'Please write a question, e.g. "Which parts of this car pollute?"'
 NO_PHOTO_IN_MESSAGE = "That message has no photo to ask about."
 GONE = "That mosaic is no longer here."
+NOT_INVITED = ("I cannot read this channel: invite me first (/invite @TalkMosaic), "
+               "then try again.")
 # What a question modal carries of the photo's Slack file (private_metadata, 3,000 chars).
 FILE_FIELDS = ("id", "name", "mimetype", "size", "url_private", "url_private_download")
 

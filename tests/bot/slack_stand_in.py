@@ -47,6 +47,8 @@ class SlackStandIn(RecordingServer):
         self.chunked: set[str] = set()
         self.redirects: dict[str, str] = {}
         self.history: list[dict] = []
+        # conversations.history answers this error instead (e.g. "not_in_channel").
+        self.history_error: str | None = None
         self._uploads = itertools.count(1)
 
     def add_routes(self, app: web.Application) -> None:
@@ -140,6 +142,8 @@ class SlackStandIn(RecordingServer):
             return {"files": [{"id": f["id"], "title": f.get("title")}
                               for f in json.loads(args["files"])]}
         if method == "conversations.history":
+            if self.history_error:
+                return {"ok": False, "error": self.history_error}
             return {"messages": self.history, "has_more": False}
         return {}
 

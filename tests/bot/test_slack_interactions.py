@@ -234,3 +234,14 @@ async def test_a_build_that_fails_leaves_no_public_message(app, stand_in, car_li
     [error] = await stand_in.wait_for(lambda _: stand_in.api("chat.postEphemeral"))
     assert error.args["text"] == "A mosaic name needs 1 to 80 characters."
     assert not stand_in.api("chat.postMessage") and not stand_in.api("chat.update")
+
+
+async def test_a_channel_the_app_is_not_in_gets_an_invite_hint(app, stand_in):
+    stand_in.history_error = "not_in_channel"
+    await dispatch(app, slash_command("build owl"))
+    await dispatch(app, slash_command("what car?", command="/ask"))
+    errors = await stand_in.wait_for(
+        lambda _: stand_in.api("chat.postEphemeral")
+        if len(stand_in.api("chat.postEphemeral")) >= 2 else [])
+    hint = "I cannot read this channel: invite me first (/invite @TalkMosaic), then try again."
+    assert [e.args["text"] for e in errors] == [hint, hint]
