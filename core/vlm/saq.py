@@ -205,7 +205,10 @@ class StaircaseLayer(DynamicLayer):
         batch, q_heads, _, dim = query.shape
         kv_heads = self.exact_keys.shape[1]
         scale = scale if scale is not None else dim**-0.5
-        q = query.reshape(batch, kv_heads, q_heads // kv_heads, dim).float() * scale
+        # Products in the query's dtype on a GPU (half the bytes of float32, its tensor cores
+        # accumulate in float32 anyway), float32 on a CPU; the softmax state is float32.
+        work = query.dtype if query.device.type == "cuda" else torch.float32
+        q = (query.reshape(batch, kv_heads, q_heads // kv_heads, dim).float() * scale).to(work)
         bias = None
         if attention_mask is not None:
             mask = attention_mask[:, 0, -1, : self.seen]
@@ -223,7 +226,7 @@ class StaircaseLayer(DynamicLayer):
             for start in range(0, length, step):
                 stop = min(length, start + step)
                 k, v = _tokens(keys, start, stop), _tokens(values, start, stop)
-                scores = _scores(q, k)  # (b, kv heads, group, chunk)
+                scores = _scores(q, k).float()  # (b, kv heads, group, chunk)
                 if bias is not None:
                     scores = scores + bias[:, None, None, offset + start : offset + stop]
                 new_best = torch.maximum(best, scores.amax(-1))
@@ -231,7 +234,8 @@ class StaircaseLayer(DynamicLayer):
                 weights = torch.exp(scores - shift[..., None])
                 rescale = torch.exp(best - shift)
                 total = total * rescale + weights.sum(-1)
-                acc = acc * rescale[..., None] + _weighted_values(weights, v)
+                coded = _weighted_values(weights.to(work), v).float()
+                acc = acc * rescale[..., None] + coded
                 best = new_best
             offset += length
         out = acc / total.clamp(min=1e-30)[..., None]
@@ -368,31 +372,31 @@ def _tokens(stored: Stored, start: int, stop: int) -> Stored:
 
 
 def _scores(q: torch.Tensor, keys: Stored) -> torch.Tensor:
-    """q (b, h, g, d) float32 against keys (b, h, n, d): (b, h, g, n)."""
+    """q (b, h, g, d) against keys (b, h, n, d), in q's dtype: (b, h, g, n)."""
     if not isinstance(keys, QuantizedGroups):
-        return q @ keys.float().transpose(-1, -2)
+        return q @ keys.to(q.dtype).transpose(-1, -2)
     # Keys are grouped over G tokens per channel: packed (b, h, n / G, d, G * bits / 8).
     batch, heads, n_groups, _ = keys.scale.shape
     size = keys.shape[TOKEN_DIM] // n_groups
-    codes = unpack(keys.packed, keys.bits, size).float()  # (b, h, n / G, d, G)
-    scale, low = keys.scale.float()[:, :, :, None], keys.low.float()[:, :, :, None]
+    codes = unpack(keys.packed, keys.bits, size).to(q.dtype)  # (b, h, n / G, d, G)
+    scale, low = (t[:, :, :, None].to(q.dtype) for t in (keys.scale, keys.low))
     grouped = q[:, :, None]  # (b, h, 1, g, d)
     scores = (grouped * scale) @ codes + (grouped * low).sum(-1, keepdim=True)
     return scores.transpose(2, 3).reshape(batch, heads, q.shape[2], -1)
 
 
 def _weighted_values(weights: torch.Tensor, values: Stored) -> torch.Tensor:
-    """weights (b, h, g, n) float32 times values (b, h, n, d): (b, h, g, d).
+    """weights (b, h, g, n) times values (b, h, n, d), in the weights' dtype: (b, h, g, d).
 
     Quantized values are grouped over channels per token, so one chunk dequantizes in place
     in its own layout (codes * scale + low, one fused op) and meets the weights in one matmul.
     """
     if not isinstance(values, QuantizedGroups):
-        return weights @ values.float()
+        return weights @ values.to(weights.dtype)
     # packed (b, h, n, d / Gv, Gv * bits / 8)
     size = values.shape[-1] // values.scale.shape[-1]
     codes = unpack(values.packed, values.bits, size)
-    scale, low = values.scale[..., None].float(), values.low[..., None].float()
+    scale, low = (t[..., None].to(weights.dtype) for t in (values.scale, values.low))
     return weights @ torch.addcmul(low, codes, scale).flatten(-2)
 
 

@@ -263,3 +263,16 @@ def test_a_decode_step_in_place_allocates_a_bounded_buffer_not_the_whole_cache()
         layer._assemble()
     assert in_place.allocations.peak < whole / 4
     assert reassembled.allocations.peak >= whole
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_attending_in_place_on_a_gpu_in_bfloat16_equals_sdpa_over_the_dequantized_cache():
+    layer = StaircaseLayer(SAQConfig(attend_chunk=256))
+    generator = torch.Generator("cuda").manual_seed(0)
+    keys, values = (torch.randn(1, 4, 2048, 128, device="cuda", dtype=torch.bfloat16,
+                                generator=generator) for _ in range(2))  # fmt: skip
+    layer.update(keys, values)
+    query = torch.randn(1, 28, 1, 128, device="cuda", dtype=torch.bfloat16, generator=generator)
+    k, v = layer._assemble()
+    expected = F.scaled_dot_product_attention(query.float(), k.float(), v.float(), enable_gqa=True)
+    torch.testing.assert_close(layer.attend(query).float(), expected, atol=2e-2, rtol=2e-2)
