@@ -67,6 +67,7 @@ class Candidate:
     source: Source
     position: int  # its place in the source, for keeping a fact's sentences in order
     score: float = 0.0
+    similarity: float = 0.0  # cosine to the question
 
 
 def scope_refusal(question: str, relevance: float, min_relevance: float) -> str | None:

@@ -66,7 +66,9 @@ def test_quantized_weights_without_cuda_name_what_is_needed():
 
 
 def test_make_backend_follows_the_settings(settings):
-    assert make_backend(settings).name == "embedded"
+    assert make_backend(settings).name == "extractive"
+    ranked = make_backend(settings.model_copy(update={"qa_mode": "rank"}))
+    assert isinstance(ranked, EmbeddedBackend) and ranked.mode == "rank"
     vlm = make_backend(settings.model_copy(update={"qa_backend": "vlm", "vlm_model_path": None}))
     assert isinstance(vlm, VlmBackend)
 

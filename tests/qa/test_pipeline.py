@@ -43,12 +43,15 @@ class StubKnowledgeBase:
     def __init__(self):
         self.queries: list[str] = []
 
-    def search(self, query: str, k: int = 5):
-        self.queries.append(query)
+    def search(self, query: str, k: int = 5, context: str | None = None):
+        self.queries.append(f"{context} | {query}" if context else query)
         return [(FACT, 0.7)]
 
     def relevance(self, query: str) -> float:
         return 0.0 if "France" in query else 0.8
+
+    def vector(self, query: str):
+        return bag_of_words([query])[0]
 
 
 class RecordingBackend:

@@ -251,3 +251,15 @@ def test_benchmark_cases_name_real_facts_and_phrases_they_contain():
         assert case["photo"].split("/")[0] in {"car", "pickup"}
         if VEHICLES.is_dir():
             assert (VEHICLES / case["photo"]).is_file(), case["photo"]
+
+
+def test_a_follow_up_is_searched_with_its_conversation(knowledge):
+    # "and its brakes?" alone is vague; with the earlier question it still means brakes.
+    earlier = "Do this car's tyres give off pollution?"
+    found = knowledge.search("and its brakes?", k=2, context=f"{earlier} and its brakes?")
+    assert "brake-dust" in [fact.id for fact, _ in found]
+    assert all("brake" in fact.id for fact, _ in found)
+    alone = knowledge.search("and its brakes?", k=1)[0][1]
+    assert knowledge.search("and its brakes?", k=1, context="and its brakes?")[0][1] == (
+        pytest.approx(alone)
+    )
