@@ -222,8 +222,8 @@ class KnowledgeBase:
         The score is the cosine similarity plus LEXICAL_WEIGHT times the relative BM25 score.
         With `context` (a follow-up's conversation so far, with the question) the score is the
         mean of the two queries' scores: "and its brakes?" alone finds brake dust, the
-        conversation alone finds tyres again, together they find the fact the follow-up means (bench/qa.py's follow-ups: 17 of 24 top
-        facts right against 12 for either query alone).
+        conversation alone finds tyres again, together they find the fact the follow-up means
+        (bench/qa.py's follow-ups: 17 of 24 top facts right against 12 for either alone).
         """
         if not query.strip() or k <= 0:
             return []
