@@ -1,7 +1,7 @@
-"""Grounded Q&A on this CPU, in one run: answer quality of the default answerer against
-retrieval-only peers, out-of-scope handling, false refusals on the real photos, first-answer and
-follow-up latency of the default (PrFlashAttention + SAQ-held conversations) against plain SDPA +
-DynamicCache, and the KV bytes each holds per conversation.
+"""Grounded Q&A on this CPU, in one run: answer quality of the default (extractive) answerer,
+of SmolLM2 ranking the same sentences (PrFlashAttention + SAQ, and plain SDPA + DynamicCache) and
+of quoting the top fact; out-of-scope handling; false refusals on the real photos; first-answer
+and follow-up latency of each, and the KV bytes the model paths hold per conversation.
 
     python bench/qa.py [--cases 0] [--latency-cases 30] [--dump features.json]
 
@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from core.context import AppContext  # noqa: E402
 from core.images import decode_image  # noqa: E402
-from core.qa.backends import Draft, EmbeddedBackend  # noqa: E402
+from core.qa.backends import EmbeddedBackend, ExtractiveBackend  # noqa: E402
 from core.qa.claims import quantities, strip_citations  # noqa: E402
 from core.qa.compose import SCOPE_REPLY, first_repeat  # noqa: E402
 from core.qa.pipeline import AnswerPipeline  # noqa: E402
@@ -41,16 +41,6 @@ from core.vlm.loader import load_smollm2  # noqa: E402
 
 EVAL = ROOT / "bench" / "data" / "qa_eval.json"
 VEHICLES = ROOT.parent / "shared" / "data" / "vehicles"
-
-
-class NoModel:
-    """A backend that drafts nothing: the answer is the pipeline's own ranking of the facts'
-    sentences (meaning and retrieval score), the retrieval-only peer."""
-
-    name = "no model"
-
-    def draft(self, request) -> Draft:
-        return Draft()
 
 
 def log(text: str) -> None:
@@ -135,14 +125,15 @@ def main() -> None:
     def pipeline(backend) -> AnswerPipeline:
         return AnswerPipeline(ctx, backend, kb, tagger)
 
-    default = pipeline(EmbeddedBackend(loaded=(model, tokenizer)))
+    default = pipeline(ExtractiveBackend())
+    ranked = pipeline(EmbeddedBackend(loaded=(model, tokenizer)))
     baseline = pipeline(EmbeddedBackend(prblock=False, saq=False, loaded=(model, tokenizer)))
-    peer = pipeline(NoModel())
+    runners = {"default": default, "rank": ranked, "baseline": baseline}
     features: list = []
     if args.dump:
-        default.rank = capturing(default, features)
-    default.answer(photo(cases[0]["photo"]), cases[0]["question"])
-    baseline.answer(photo(cases[0]["photo"]), cases[0]["question"])
+        ranked.rank = capturing(ranked, features)
+    for runner in runners.values():
+        runner.answer(photo(cases[0]["photo"]), cases[0]["question"])
     log(f"loaded in {time.perf_counter() - started:.0f} s")
 
     # Quality: every in-scope case with the default and the retrieval-only peers.
@@ -153,14 +144,16 @@ def main() -> None:
         image = photo(case["photo"])
         answer = default.answer(image, case["question"])
         answers[case["id"]] = answer
-        no_model = peer.answer(image, case["question"])
+        by_model = ranked.answer(image, case["question"])
+        plain = baseline.answer(image, case["question"])
         facts = default.retrieve(case["question"], answer.evidence)
         top = facts[0][0] if facts else None
         quoted = f"{top.text} [1]\n\nSources: [1] {top.title}" if top else ""
         top_sources = [{"n": 1, "id": top.id}] if top else []
         rows = {
-            "default (model ranks fact sentences)": (answer.text, answer.sources),
-            "retrieval only: MiniLM ranks sentences": (no_model.text, no_model.sources),
+            "default: extractive (MiniLM + retrieval)": (answer.text, answer.sources),
+            "SmolLM2 ranks (PrFlashAttention + SAQ)": (by_model.text, by_model.sources),
+            "SmolLM2 ranks (SDPA + DynamicCache)": (plain.text, plain.sources),
             "retrieval only: top fact quoted": (quoted, top_sources),
         }
         for label, (text, sources) in rows.items():
@@ -168,11 +161,11 @@ def main() -> None:
                 correct(text, sources, case), wrong(text, sources, case, kb),
                 first_repeat(text) is not None, lead_correct(text, sources, case),
             ))  # fmt: skip
-        ok = marks["default (model ranks fact sentences)"][-1]
+        ok = marks["default: extractive (MiniLM + retrieval)"][-1]
         log(f"{number}/{len(cases)} {answer.timings.get('total_s', 0):.1f} s "
             f"{'ok' if ok[0] else 'MISS'}{' WRONG' if ok[1] else ''} {case['id']}")  # fmt: skip
         if args.dump:
-            dumped.append({"case": case, "answer": answer.text, "sources": answer.sources,
+            dumped.append({"case": case, "answer": by_model.text, "sources": by_model.sources,
                            "refused": answer.refused,
                            "relevance": kb.relevance(case["question"]),
                            "features": features[-1] if features else None})  # fmt: skip
@@ -198,10 +191,10 @@ def main() -> None:
         for p in real
     )
 
-    # Latency: first answers, the default and the baseline alternating on the same cases.
-    latency = {"default": [], "baseline": []}
+    # Latency: first answers, the configurations taking turns on the same cases.
+    latency: dict[str, list[float]] = {label: [] for label in runners}
     for case in cases[: args.latency_cases]:
-        for label, runner in (("default", default), ("baseline", baseline)):
+        for label, runner in runners.items():
             answer = runner.answer(photo(case["photo"]), case["question"])
             latency[label].append(answer.timings["total_s"])
 
@@ -209,7 +202,7 @@ def main() -> None:
     turns = {label: {"first": [], "follow": [], "bytes": [], "prefilled": [], "ok": []}
              for label in latency}  # fmt: skip
     for number, talk in enumerate(data["follow_ups"]):
-        for label, runner in (("default", default), ("baseline", baseline)):
+        for label, runner in runners.items():
             image = photo(talk["photo"])
             key = f"{label}-{number}"
             first = runner.answer(image, talk["first"]["question"], conversation_id=key)
@@ -226,8 +219,8 @@ def main() -> None:
 
     lines = [
         f"Grounded Q&A on this CPU ({os.cpu_count()} cores, {args.threads} torch thread(s), "
-        f"load average {os.getloadavg()[0]:.1f} at the end); SmolLM2-135M-Instruct, 3 facts "
-        "a prompt",
+        f"load average {os.getloadavg()[0]:.1f} at the end); SmolLM2-135M-Instruct for the model "
+        "paths, 3 facts an answer (2 new ones a follow-up)",
         "",
         f"Answer quality ({len(cases)} in-scope cases of bench/data/qa_eval.json)",
         f"{'answerer':<42}{'correct':>9}{'lead correct':>14}{'unsupported/wrong':>19}"
@@ -255,8 +248,8 @@ def main() -> None:
         f"{'configuration':<34}{'first p50':>10}{'p95':>7}{'follow-up p50':>15}{'p95':>7}"
         f"{'prefilled first/follow':>24}{'KV bytes held':>15}{'convs/GiB':>11}",
     ]
-    names = {"default": "PrFlashAttention + SAQ (default)",
-             "baseline": "SDPA + DynamicCache (baseline)"}  # fmt: skip
+    names = {"default": "extractive (default)", "rank": "SmolLM2 + PrFlashAttention + SAQ",
+             "baseline": "SmolLM2 + SDPA + DynamicCache"}  # fmt: skip
     for label, times in latency.items():
         held = turns[label]
         kv = statistics.mean(held["bytes"]) if held["bytes"] else 0
@@ -266,15 +259,19 @@ def main() -> None:
         lines.append(
             f"{names[label]:<34}{statistics.median(times):>10.2f}{percentile(times, 0.95):>7.2f}"
             f"{statistics.median(held['follow']):>15.2f}{percentile(held['follow'], 0.95):>7.2f}"
-            f"{first_tokens:>15.0f}/{follow_tokens:<8.0f}{kv / 2**20:>12.1f} MiB"
-            f"{(2**30 / kv if kv else 0):>11.0f}"
+            + (f"{first_tokens:>15.0f}/{follow_tokens:<8.0f}{kv / 2**20:>12.1f} MiB"
+               f"{2**30 / kv:>11.0f}" if kv else f"{'no model':>24}{'-':>15}{'-':>11}")
         )
     base = statistics.median(latency["baseline"])
-    first_p50 = statistics.median(latency["default"])
+    p50 = {label: statistics.median(times) for label, times in latency.items()}
     lines += [
         "",
-        f"Default first-answer p50 vs baseline: {base / first_p50:.2f}x; follow-up p50 / first "
-        f"p50 (default): {statistics.median(turns['default']['follow']) / first_p50:.2f}",
+        f"First-answer p50 speed-up against SmolLM2 + SDPA + DynamicCache: default "
+        f"{base / p50['default']:.2f}x, SmolLM2 + PrFlashAttention + SAQ {base / p50['rank']:.2f}x",
+        "Follow-up p50 / first-answer p50: " + ", ".join(
+            f"{names[label]} {statistics.median(turns[label]['follow']) / p50[label]:.2f}"
+            for label in runners
+        ),
         "Follow-ups correct: " + ", ".join(
             f"{names[label]} {sum(turns[label]['ok'])}/{len(turns[label]['ok'])}" for label in turns
         ),
