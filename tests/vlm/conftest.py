@@ -150,3 +150,57 @@ def gemma_prompt(model, n_text: int = 40) -> dict:
         "token_type_ids": torch.tensor([token_types]),
         "pixel_values": torch.randn(1, 3, 32, 32, generator=generator),
     }
+
+
+QWEN_IMAGE_TOKEN_ID = 260
+
+
+@pytest.fixture
+def tiny_qwen2_vl():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    vision = dict(
+        depth=1,
+        embed_dim=32,
+        hidden_size=64,
+        num_heads=2,
+        mlp_ratio=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+    )
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        bos_token_id=1,
+        eos_token_id=2,
+        image_token_id=QWEN_IMAGE_TOKEN_ID,
+        vision_start_token_id=258,
+        vision_end_token_id=259,
+    )
+    return Qwen2VLForConditionalGeneration(config).eval()
+
+
+def qwen2_vl_prompt(n_text: int = 40) -> dict:
+    """One 56 x 56 image: 4 x 4 patches of 14, merged 2 x 2 into 4 tokens."""
+    ids = [1, 258, *[QWEN_IMAGE_TOKEN_ID] * 4, 259, *range(10, 10 + n_text)]
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.tensor([ids]),
+        "pixel_values": torch.randn(16, 3 * 2 * 14 * 14, generator=generator),
+        "image_grid_thw": torch.tensor([[1, 4, 4]]),
+    }
