@@ -151,7 +151,7 @@ class AnswerPipeline:
         lap("retrieval")
         sources, record = fact_sources(facts), record_source(evidence)
         candidates = candidates_of(sources + ([record] if record else []))
-        say("Writing the answer.")
+        say("Putting the answer together.")
         draft = self.backend.draft(Request(
             question, evidence, facts, picture, [c.text for c in candidates], history,
             conversation_id,

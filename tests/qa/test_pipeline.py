@@ -155,7 +155,7 @@ def test_answer_job_fits_the_workers_answer_function(pipeline, car_photo):
     result = pipeline.answer_job(job, said.append)
     assert isinstance(result, AnswerResult)
     assert result.text.startswith("Euro 6 allows 60 mg/km") and result.sources[0]["id"] == FACT.id
-    assert said == ["Looking at the photo.", "Looking up the facts.", "Writing the answer."]
+    assert said == ["Looking at the photo.", "Looking up the facts.", "Putting the answer together."]
 
 
 def test_the_query_is_the_question_alone_without_a_library_match():
