@@ -103,6 +103,8 @@ def capturing(runner: AnswerPipeline, features: list):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=0, help="in-scope cases (0: all)")
+    parser.add_argument("--model-cases", type=int, default=0,
+                        help="in-scope cases the SmolLM2 rows answer too (0: all)")  # fmt: skip
     parser.add_argument("--latency-cases", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 because the 2 cores are shared")  # fmt: skip
@@ -144,19 +146,24 @@ def main() -> None:
         image = photo(case["photo"])
         answer = default.answer(image, case["question"])
         answers[case["id"]] = answer
-        by_model = ranked.answer(image, case["question"])
-        plain = baseline.answer(image, case["question"])
+        models = not args.model_cases or number <= args.model_cases
+        by_model = ranked.answer(image, case["question"]) if models else None
+        plain = baseline.answer(image, case["question"]) if models else None
         facts = default.retrieve(case["question"], answer.evidence)
         top = facts[0][0] if facts else None
         quoted = f"{top.text} [1]\n\nSources: [1] {top.title}" if top else ""
         top_sources = [{"n": 1, "id": top.id}] if top else []
         rows = {
             "default: extractive (MiniLM + retrieval)": (answer.text, answer.sources),
-            "SmolLM2 ranks (PrFlashAttention + SAQ)": (by_model.text, by_model.sources),
-            "SmolLM2 ranks (SDPA + DynamicCache)": (plain.text, plain.sources),
+            "SmolLM2 ranks (PrFlashAttention + SAQ)": by_model
+            and (by_model.text, by_model.sources),
+            "SmolLM2 ranks (SDPA + DynamicCache)": plain and (plain.text, plain.sources),
             "retrieval only: top fact quoted": (quoted, top_sources),
         }
-        for label, (text, sources) in rows.items():
+        for label, shown in rows.items():
+            if shown is None:
+                continue
+            text, sources = shown
             marks.setdefault(label, []).append((
                 correct(text, sources, case), wrong(text, sources, case, kb),
                 first_repeat(text) is not None, lead_correct(text, sources, case),
@@ -164,7 +171,7 @@ def main() -> None:
         ok = marks["default: extractive (MiniLM + retrieval)"][-1]
         log(f"{number}/{len(cases)} {answer.timings.get('total_s', 0):.1f} s "
             f"{'ok' if ok[0] else 'MISS'}{' WRONG' if ok[1] else ''} {case['id']}")  # fmt: skip
-        if args.dump:
+        if args.dump and by_model is not None:
             dumped.append({"case": case, "answer": by_model.text, "sources": by_model.sources,
                            "refused": answer.refused,
                            "relevance": kb.relevance(case["question"]),
@@ -222,10 +229,17 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f} at the end); SmolLM2-135M-Instruct for the model "
         "paths, 3 facts an answer (2 new ones a follow-up)",
         "",
-        f"Answer quality ({len(cases)} in-scope cases of bench/data/qa_eval.json)",
+        f"Answer quality ({len(cases)} in-scope cases of bench/data/qa_eval.json"
+        + (f"; the SmolLM2 rows on the first {args.model_cases}" if args.model_cases else "") + ")",
         f"{'answerer':<42}{'correct':>9}{'lead correct':>14}{'unsupported/wrong':>19}"
         f"{'repeats':>9}",
     ]
+    if args.model_cases and args.model_cases < len(cases):
+        subset = ("default: extractive (MiniLM + retrieval)", "retrieval only: top fact quoted")
+        for label in subset:
+            marks[f"{label.split(':')[0]}, first {args.model_cases}"] = marks[label][
+                : args.model_cases
+            ]
     for label, rows in marks.items():
         n = len(rows)
         lines.append(
