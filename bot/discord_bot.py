@@ -38,6 +38,7 @@ from bot.discord_ui import (
     waiting_view,
 )
 from core.errors import BadImage, UserError
+from core.gallery import tile_url
 from core.images import SNIFF_BYTES, sniffed_image_type
 from core.settings import Settings
 from storage.models import Job
@@ -76,8 +77,12 @@ def _first_image(attachments: list[discord.Attachment]) -> discord.Attachment | 
     return None
 
 
-def _tile_view(reply: Reply) -> discord.ui.View | None:
-    return tile_view(*reply.tile) if reply.tile else None
+def _tile_view(reply: Reply, settings: Settings) -> discord.ui.View | None:
+    """Under a tile's car: "Ask about this car", and the gallery opened on that tile when
+    GALLERY_PUBLIC_URL is set."""
+    if not reply.tile:
+        return None
+    return tile_view(*reply.tile, tile_url(settings, *reply.tile))
 
 
 def over_limit(max_bytes: int) -> BadImage:
@@ -233,7 +238,7 @@ class TalkMosaicBot(discord.Client):
                                                              _limit(interaction))
             if reply is None:
                 reply = Reply("That mosaic is no longer available here.", ephemeral=True)
-            await send_followup(interaction, reply, view=_tile_view(reply))
+            await send_followup(interaction, reply, view=_tile_view(reply, self.settings))
         except Exception as error:
             await self.interaction_failed(interaction, error)
 
@@ -273,7 +278,8 @@ class TalkMosaicBot(discord.Client):
                 PLATFORM, str(message.channel.id), str(replied_to), message.content, limit
             )
             if reply is not None:
-                await self.reply_to_message(message, reply, view=_tile_view(reply))
+                await self.reply_to_message(message, reply,
+                                            view=_tile_view(reply, self.settings))
             return
         if replied_to:
             parent = await self.commands.follow_up_for_message(
@@ -479,7 +485,7 @@ class MosaicGroup(app_commands.Group):
         reply = await self.bot.commands.tile(
             _scope(interaction), name, coordinate, _limit(interaction)
         )
-        await send_followup(interaction, reply, view=_tile_view(reply))
+        await send_followup(interaction, reply, view=_tile_view(reply, self.bot.settings))
 
     @show.autocomplete("name")
     @tile.autocomplete("name")

@@ -127,8 +127,11 @@ def mosaic_view(mosaic_id: int, gallery_url: str | None) -> discord.ui.View:
     return view
 
 
-def tile_view(mosaic_id: int, label: str) -> discord.ui.View:
-    return discord.ui.View(timeout=None).add_item(AskAboutCar(mosaic_id, label))
+def tile_view(mosaic_id: int, label: str, gallery_url: str | None) -> discord.ui.View:
+    view = discord.ui.View(timeout=None).add_item(AskAboutCar(mosaic_id, label))
+    if gallery_url:
+        view.add_item(discord.ui.Button(label="Open in gallery", url=gallery_url))
+    return view
 
 
 def waiting_view(job_id: int) -> discord.ui.View:

@@ -164,6 +164,20 @@ async def test_a_coordinate_off_the_grid_in_the_modal_is_an_ephemeral_sentence(
     assert error.content.startswith("Z99 is off the grid")
 
 
+async def test_a_tile_links_the_gallery_opened_on_it_when_the_gallery_is_public(
+    bot, stand_in, ctx, mosaic
+):
+    ctx.settings.gallery_public_url = GALLERY
+    token, _ = dispatch_interaction(bot, slash("mosaic", "tile", [
+        {"name": "name", "type": 3, "value": MOSAIC_NAME},
+        {"name": "coordinate", "type": 3, "value": "C7"},
+    ]))
+    [posted] = await stand_in.wait_for(lambda _: followups(stand_in, token))
+    assert labels(posted.payload) == ["Ask about this car", "Open in gallery"]
+    link = posted.payload["components"][0]["components"][1]
+    assert link["url"] == f"{GALLERY}/m/{mosaic.id}/C7"
+
+
 async def test_random_tile_defers_then_posts_a_car_of_the_mosaic(bot, stand_in, ctx, mosaic):
     message = await shown_mosaic(bot, stand_in)
     token, _ = click(bot, message, "Random tile")
