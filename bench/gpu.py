@@ -183,7 +183,7 @@ _compiled_flex = torch.compile(flex_attention, dynamic=False)
 
 def _dense_flex(q, k, v, block_mask):
     # One compile per shape and size: more than dynamo's default limit of 8.
-    with torch._dynamo.config.patch(recompile_limit=64):
+    with torch._dynamo.config.patch(**flex._supported({"recompile_limit": 64})):
         return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 

@@ -692,3 +692,17 @@ def test_cuda_prefill_compiles_and_equals_the_reference_in_bfloat16():
     expected = masked_sdpa(query.float(), key.float(), value.float(), keep, 128)
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
     assert not flex._failed
+
+
+def test_warm_up_runs_each_bucket_from_dense_below_to_its_limit_once(tiny_llama, monkeypatch):
+    seen = []
+    real = attention.block_sparse_attention
+
+    def spy(query, key, value, config, **kwargs):
+        seen.append((query.shape[2], query.shape[1], key.shape[1], query.dtype))
+        return real(query, key, value, config, **kwargs)
+
+    monkeypatch.setattr(attention, "block_sparse_attention", spy)
+    config = PrBlockConfig(block_size=BLOCK, dense_below=1536)
+    assert attention.warm_up(tiny_llama, config, up_to=4096) == [2048, 4096]
+    assert seen == [(2048, 4, 2, torch.float32), (4096, 4, 2, torch.float32)]
