@@ -115,13 +115,19 @@
       g.fillStyle = on ? "#8a5a00" : "#323232";
       g.fillText(text, x, y);
     };
-    for (let col = Math.ceil(c0 / step) * step; col < c1; col += step) {
-      const x = o.x + (col + 0.5) * cw;
-      if (x > left) mark(colLabel(col), x, BAND / 2, "center", selected && selected.col === col);
+    // Each label sits in the middle of the part of its column (row) that is on screen.
+    const middle = (start, size, low, high, need) => {
+      const a = Math.max(start, low), b = Math.min(start + size, high);
+      return b - a >= need ? (a + b) / 2 : null;
+    };
+    for (let col = Math.floor(c0 / step) * step; col < c1; col += step) {
+      const text = colLabel(col);
+      const x = middle(o.x + col * cw, cw, left, w, g.measureText(text).width + 4);
+      if (x !== null) mark(text, x, BAND / 2, "center", selected && selected.col === col);
     }
-    for (let row = Math.ceil(r0 / step) * step; row < r1; row += step) {
-      const y = o.y + (row + 0.5) * ch;
-      if (y > BAND) mark(String(row + 1), left - 4, y, "right", selected && selected.row === row);
+    for (let row = Math.floor(r0 / step) * step; row < r1; row += step) {
+      const y = middle(o.y + row * ch, ch, BAND, h, 14);
+      if (y !== null) mark(String(row + 1), left - 4, y, "right", selected && selected.row === row);
     }
   };
 
@@ -238,7 +244,11 @@
     viewer.addHandler("open-failed", (e) => say("The deep zoom could not be opened: " + e.message, true));
     viewer.addHandler("update-viewport", () => { publishView(); drawGrid(); });
     viewer.addHandler("animation-start", () => { stage.dataset.moving = "1"; });
-    viewer.addHandler("animation-finish", () => { publishView(); stage.dataset.moving = "0"; });
+    viewer.addHandler("animation-finish", () => {
+      publishView();
+      drawGrid();
+      stage.dataset.moving = "0";
+    });
     viewer.addHandler("resize", drawGrid);
     viewer.addHandler("canvas-click", (e) => {
       if (!e.quick) return;

@@ -150,3 +150,17 @@ def test_a_car_removed_from_the_library_shows_its_render_tile(ctx, mosaic):
     crop = render.crop((px, px, 2 * px, 2 * px)).resize((CELL_PX, CELL_PX),
                                                         Image.Resampling.LANCZOS)
     assert np.array_equal(_deepest_cell(ctx, pyramid, 1, 1), np.asarray(crop).astype(int))
+
+
+def test_a_lost_original_shows_the_library_thumbnail_enlarged(ctx, mosaic):
+    from core.images import square_thumbnail
+    from storage.models import Car, Tile
+
+    with ctx.db.session() as session:
+        car = session.get(Car, session.query(Tile.car_id).filter_by(
+            mosaic_id=mosaic.id, row=0, col=1).scalar())
+        media_key, thumbnail = car.media_key, car.thumbnail
+    ctx.media.delete(media_key)
+    pyramid = build_pyramid(ctx, mosaic, tile_format="png")
+    enlarged = square_thumbnail(Image.open(io.BytesIO(thumbnail)).convert("RGB"), CELL_PX)
+    assert np.array_equal(_deepest_cell(ctx, pyramid, 0, 1), np.asarray(enlarged).astype(int))

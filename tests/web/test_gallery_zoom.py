@@ -270,3 +270,79 @@ async def test_on_a_phone_the_mosaic_takes_the_width_and_a_tap_opens_the_panel(
     assert opened["y"] < 844 and opened["y"] + opened["height"] <= 845
     assert shown == car_at(ctx, mosaic, 4, 3)
     assert problems == []
+
+
+async def test_viewers_opening_a_new_mosaic_at_once_share_one_build(
+    gallery, mosaic, monkeypatch
+):
+    import core.pyramid
+
+    builds = []
+    real = core.pyramid.build_pyramid
+
+    def counted(ctx, built_mosaic, *args):
+        builds.append(built_mosaic.id)
+        return real(ctx, built_mosaic, *args)
+
+    monkeypatch.setattr(core.pyramid, "build_pyramid", counted)
+    async with aiohttp.ClientSession() as http:
+
+        async def descriptor() -> int:
+            async with http.get(f"{gallery}/api/mosaics/{mosaic.id}.dzi") as response:
+                return response.status
+
+        statuses = await asyncio.gather(*(descriptor() for _ in range(5)))
+    assert statuses == [200] * 5
+    assert builds == [mosaic.id]
+
+
+async def test_a_pyramid_that_cannot_be_built_is_one_sentence(gallery, mosaic, monkeypatch):
+    import core.pyramid
+
+    def broken(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(core.pyramid, "build_pyramid", broken)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gallery}/api/mosaics/{mosaic.id}.dzi") as response:
+            status, text = response.status, await response.text()
+    assert status == 503
+    assert text == "The deep zoom of this mosaic could not be built; please try again later."
+
+
+async def test_an_off_grid_tile_page_is_not_found_with_one_sentence(gallery, mosaic):
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gallery}/m/{mosaic.id}/K1") as response:
+            status, text = response.status, await response.text()
+    assert status == 404
+    assert text.startswith("K1 is off the grid") and text.endswith(".")
+
+
+@needs_chromium
+async def test_on_a_phone_a_pinch_zooms_in(gallery, mosaic):
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await launch_chromium(pw)
+        page = await _page(browser, f"{gallery}/m/{mosaic.id}",
+                           viewport={"width": 390, "height": 844}, has_touch=True,
+                           is_mobile=True)
+        before = await _still(page)
+        box = await page.locator("#view").bounding_box()
+        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        touch = await page.context.new_cdp_session(page)
+
+        def fingers(spread: float) -> list[dict]:
+            return [{"x": cx - spread, "y": cy, "id": 0}, {"x": cx + spread, "y": cy, "id": 1}]
+
+        await touch.send("Input.dispatchTouchEvent", {"type": "touchStart",
+                                                      "touchPoints": fingers(20)})
+        for spread in range(30, 161, 10):
+            await touch.send("Input.dispatchTouchEvent", {"type": "touchMove",
+                                                          "touchPoints": fingers(spread)})
+            await asyncio.sleep(0.02)
+        await touch.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+        after = await _still(page)
+        await page.screenshot(path=str(ARTIFACTS / "zoom-phone-pinch.png"))
+        await browser.close()
+    assert after[2] < before[2] / 3  # the fingers moved 8x apart: well over 3x closer
