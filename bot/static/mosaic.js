@@ -116,9 +116,10 @@
       g.fillText(text, x, y);
     };
     // Each label sits in the middle of the part of its column (row) that is on screen.
+    // A label may spill over its unlabelled neighbours, so a whole cell always gets one.
     const middle = (start, size, low, high, need) => {
       const a = Math.max(start, low), b = Math.min(start + size, high);
-      return b - a >= need ? (a + b) / 2 : null;
+      return b - a >= Math.min(need, size - 0.5) ? (a + b) / 2 : null;
     };
     for (let col = Math.floor(c0 / step) * step; col < c1; col += step) {
       const text = colLabel(col);
