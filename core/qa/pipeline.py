@@ -65,6 +65,62 @@ def retrieval_query(question: str, evidence: VisualEvidence | None) -> str:
     return f"{question} ({', '.join(context)})" if context else question
 
 
+# Questions about the car's own record, answered from it first ("Is it a diesel?").
+_FUEL_WORDS = {
+    "diesel": "diesel", "petrol": "petrol", "gasoline": "petrol", "gas": "petrol",
+    "electric": "electric", "ev": "electric", "hybrid": "hybrid", "lpg": "lpg",
+}  # fmt: skip
+_ASKS_IS_FUEL = re.compile(
+    r"\b(?:is|does|was)\s+(?:it|this|this car|this one|the car)\b.{0,30}?\b"
+    r"(diesel|petrol|gasoline|gas|electric|an ev|ev|hybrid|lpg)\b", re.I
+)
+_ASKS_FUEL = re.compile(
+    r"\b(?:what|which)\s+(?:kind of\s+|type of\s+)?fuel\b|\bfuel\s+type\b|\bwhat does "
+    r"(?:it|this car) run on\b", re.I
+)
+_ASKS_STANDARD = re.compile(
+    r"\b(?:what|which)\s+(?:emissions?\s+)?(?:standard|euro\s*(?:class|norm|standard)?|"
+    r"emissions?\s+class)\b.{0,40}\b(?:it|this|this car|the car)\b|\bdoes (?:it|this car) "
+    r"meet\b", re.I
+)
+_ASKS_CO2 = re.compile(
+    r"\b(?:how much|what(?:'s| is)?(?: the)?)\s+co2\b.{0,40}\b(?:it|this|this car)\b|"
+    r"\bco2 (?:figure|rating|emissions?) of (?:it|this car)\b|\bits co2\b", re.I
+)
+_ASKS_IDENTITY = re.compile(
+    r"\bwhat\s+(?:make|model|brand|year)\b|\bwho makes (?:it|this)\b|\bhow old is "
+    r"(?:it|this car)\b|\bwhat car is (?:it|this)\b", re.I
+)
+
+
+def record_lead(question: str, evidence: VisualEvidence | None) -> Candidate | None:
+    """For a question about the library car's own fuel, standard, CO2 or identity, the
+    sentence of its record that answers it; None for any other question or car."""
+    car = (evidence.library_car or {}) if evidence else {}
+    if not car:
+        return None
+    said = "Our library's record gives this car's"
+    fuel = str(car.get("fuel") or "").lower()
+    asked = _ASKS_IS_FUEL.search(question)
+    if asked and fuel:
+        wanted = _FUEL_WORDS[asked.group(1).lower().removeprefix("an ")]
+        verdict = "Yes" if wanted in fuel or (wanted == "petrol" and "gasoline" in fuel) else "No"
+        text = f"{verdict}: {said[0].lower()}{said[1:]} fuel as {car['fuel']}."
+    elif _ASKS_FUEL.search(question) and fuel:
+        text = f"{said} fuel as {car['fuel']}."
+    elif _ASKS_STANDARD.search(question) and car.get("emission_standard"):
+        text = f"{said} emission standard as {car['emission_standard']}."
+    elif _ASKS_CO2.search(question) and car.get("co2_g_km") is not None:
+        text = f"{said} CO2 as {car['co2_g_km']:g} g/km."
+    elif _ASKS_IDENTITY.search(question) and (car.get("make") or car.get("model")):
+        name = " ".join(str(car[k]) for k in ("make", "model") if car.get(k))
+        year = f", model year {car['year']}" if car.get("year") else ""
+        text = f"Our library's record gives this car as a {name}{year}."
+    else:
+        return None
+    return Candidate(text, Source("record answer", text), 0, 1.0)
+
+
 def shown_text(answer: str) -> str:
     """An answer's sentences without its bullets' marks, citations and sources line."""
     body = re.sub(r"\n*Sources: .*\Z", "", answer, flags=re.S)
@@ -158,7 +214,12 @@ class AnswerPipeline:
         ))  # fmt: skip
         lap("model")
         ranked = self.rank(question, candidates, facts, draft)
-        lead = self.supported_sentences(draft.written, sources, record) or self.lead(ranked)
+        own = record_lead(question, evidence)
+        lead = ([own] if own else None) or self.supported_sentences(
+            draft.written, sources, record
+        ) or self.lead(ranked)
+        if history and record is not None and record.text in history[-1][1]:
+            record = None  # the answer before already showed the car's record
         unsure = evidence is not None and not evidence.may_describe
         bullets = self.bullets(ranked, lead, facts, history[-1][1] if history else "")
         text, cited = compose(lead, bullets, record, unsure_photo=unsure)

@@ -155,7 +155,9 @@ def test_answer_job_fits_the_workers_answer_function(pipeline, car_photo):
     result = pipeline.answer_job(job, said.append)
     assert isinstance(result, AnswerResult)
     assert result.text.startswith("Euro 6 allows 60 mg/km") and result.sources[0]["id"] == FACT.id
-    assert said == ["Looking at the photo.", "Looking up the facts.", "Putting the answer together."]
+    assert said == [
+        "Looking at the photo.", "Looking up the facts.", "Putting the answer together."
+    ]  # fmt: skip
 
 
 def test_the_query_is_the_question_alone_without_a_library_match():
@@ -209,3 +211,25 @@ def test_a_follow_up_carries_the_history_and_the_conversation(pipeline, car_phot
     assert request.conversation_id == 3
     assert request.history == (("What standard?", "Euro 6d-TEMP [1]."),)
     assert pipeline.kb.queries[-1].startswith("What standard? And its NOx?")
+
+
+def test_a_question_about_the_cars_own_fuel_is_answered_from_its_record(pipeline, car_photo):
+    answer = pipeline.answer(car_photo, "Is it a diesel?")
+    assert answer.text.startswith("No: our library's record gives this car's fuel as petrol.")
+    answer = pipeline.answer(car_photo, "Is this car petrol?")
+    assert answer.text.startswith("Yes: our library's record gives this car's fuel as petrol.")
+
+
+def test_a_question_about_the_cars_standard_leads_with_its_record(pipeline, car_photo):
+    answer = pipeline.answer(car_photo, "Which emission standard does this car meet?")
+    assert answer.text.startswith(
+        "Our library's record gives this car's emission standard as Euro 6d-TEMP."
+    )
+
+
+def test_a_follow_up_does_not_show_the_cars_record_again(pipeline, car_photo):
+    question = "How much NOx may it emit?"
+    first = pipeline.answer(car_photo, question)
+    assert "Our library's record of this car" in first.text
+    follow = pipeline.answer(car_photo, "And CO?", history=[(question, first.text)])
+    assert "Our library's record of this car" not in follow.text
