@@ -3,6 +3,14 @@ mosaic is a 51,200 px square; libvips' dzsave cuts it, and the tiles live in the
 
 The full-size image is never held: it reaches dzsave as a PNG stream generated one row of cells at
 a time (libvips reads it sequentially), so memory stays bounded for any grid up to MAX_TILES.
+
+Memory budget: one row of cells three times over (the strip, its PNG lines, their deflate
+blocks: 3 x cols x 192 KiB, 112 MiB at 200 columns), PHOTO_CACHE_BYTES of resized photos, and
+dzsave's few rows of tiles per level (proportional to the width). It grows with the columns,
+never with the rows: measured peaks are 375 MB at 48x48, 592 MB at 100x100 and 903 MB at
+200x200 (a 51,200 px square), against 1.2 GB, 4.7 GB and ~16 GB for the flat full-size render
+(bench/results/gallery-cpu.txt). The budget is 1 GiB up to 200 columns, about 1.3 GiB at the
+widest grid (300 columns).
 """
 
 import io
