@@ -93,6 +93,18 @@ async def start_worker(
     return stop
 
 
+def start_answer_poll(updates: JobUpdates, poll_s: float) -> Cleanup:
+    """Post the answers that workers of other processes (other hosts) finished: this process
+    holds the chat tokens, they do not."""
+    task = asyncio.create_task(updates.poll_forever(poll_s), name="answer-poll")
+
+    async def stop() -> None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    return stop
+
+
 def _discord_failure(error: BaseException) -> str:
     import discord
 
@@ -240,7 +252,9 @@ async def serve(
             cleanups.append(await start_discord(settings, commands, updates, failures))
         if settings.slack_bot_token:
             cleanups.append(await start_slack(settings, commands, updates))
-        if not cleanups:
+        if cleanups:
+            cleanups.append(start_answer_poll(updates, settings.job_poll_s))
+        else:
             log.warning("no DISCORD_TOKEN or SLACK_BOT_TOKEN set: no chat adapter started")
         if gallery:
             cleanups.append(await start_web_gallery(ctx, queue))

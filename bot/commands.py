@@ -28,7 +28,7 @@ from core.gallery import (
 from core.images import decode_image, image_content_type, jpeg_within
 from core.mosaic import MosaicOptions, build_mosaic, format_coordinate, preview_image
 from core.settings import Settings
-from core.worker import FINAL_EVENTS, JobQueue
+from core.worker import FINAL_EVENTS, UNEXPECTED_FAILURE, JobQueue
 from storage import jobs as job_rows
 from storage.messages import (
     job_for_answer_message,
@@ -343,6 +343,15 @@ class Commands:
             return job_for_answer_message(session, platform, channel_id, message_id)
 
 
+def outcome_text(job: Job) -> str:
+    """What the asker is told of a finished job: its answer, or why there is none."""
+    if job.status == "done":
+        return job.answer or ""
+    if job.status == "cancelled":
+        return CANCELLED
+    return job.error or UNEXPECTED_FAILURE
+
+
 def queued_text(position: int | None) -> str:
     if not position or position <= 1:
         return "Your question is next in line; the answer will follow here."
@@ -457,15 +466,41 @@ class JobStatus(Protocol):
 Fallback = Callable[[Job, str], Awaitable[PostedAnswer | None]]
 
 
+class _Followed:
+    """A live status and the lock that keeps its edits in order: nothing edits it once the
+    outcome is posted, even a progress edit that was still on its way."""
+
+    def __init__(self, status: JobStatus):
+        self.status = status
+        self.lock = asyncio.Lock()
+        self.finished = False
+
+    async def update(self, text: str) -> None:
+        async with self.lock:
+            if not self.finished:
+                await self.status.update(text)
+
+    async def finish(self, text: str) -> PostedAnswer | None:
+        async with self.lock:
+            self.finished = True
+            return await self.status.finish(text)
+
+
 class JobUpdates:
     """The worker's on_update(job_id, event, text), routed to the status message of that job:
     position and progress events edit it, a final event posts the answer (or why there is none).
     The message showing an answer is remembered, so a reply to it becomes a follow-up.
+
+    A worker in another process (another host) finishes jobs too: `poll_forever` looks for
+    finished jobs of this process's platforms whose outcome is not posted yet and posts them.
+    Each outcome is posted once, by whichever path marks the job's row first (`posted_at`), so
+    the local worker's event and the poll never both post, nor do two processes; a process that
+    cannot post a job (a worker with no chat tokens) leaves it to the one that can.
     """
 
     def __init__(self, queue: JobQueue):
         self.queue = queue
-        self._live: dict[int, JobStatus] = {}
+        self._live: dict[int, _Followed] = {}
         self._fallbacks: dict[str, Fallback] = {}
         self._attaching = asyncio.Lock()
 
@@ -486,32 +521,76 @@ class JobUpdates:
         async with self._attaching:
             reply = await ask
             if reply.job_id is not None:
-                self._live[reply.job_id] = await show(reply.text)
+                self._live[reply.job_id] = _Followed(await show(reply.text))
         return reply
 
     async def __call__(self, job_id: int, event: str, text: str) -> None:
-        async with self._attaching:
-            status = self._live.get(job_id)
-        final = event in FINAL_EVENTS
-        if not final:
-            if status is not None:
-                await status.update(text)
+        if event in FINAL_EVENTS:
+            await self._post_outcome(job_id, event, text)
             return
-        if status is None:
-            posted = await self._fall_back(job_id, text)
+        async with self._attaching:
+            followed = self._live.get(job_id)
+        if followed is not None:
+            await followed.update(text)
+
+    async def post_finished(self) -> int:
+        """Post the outcome of every finished job of this process's platforms that nobody has
+        posted yet, whichever worker finished it; returns how many this call posted. One
+        indexed query, off the event loop; a post that fails is logged and not retried."""
+        if not self._fallbacks:
+            return 0
+        jobs = await asyncio.to_thread(self._unposted, sorted(self._fallbacks))
+        posted = 0
+        for job in jobs:
+            try:
+                posted += await self._post_outcome(job.id, job.status, outcome_text(job), job)
+            except Exception:
+                log.exception("could not post the outcome of job %s", job.id)
+        return posted
+
+    async def poll_forever(self, poll_s: float) -> None:
+        """`post_finished` every `poll_s` seconds until cancelled."""
+        while True:
+            try:
+                await self.post_finished()
+            except Exception:
+                # An unreachable database must not end the poll; look again next time.
+                log.exception("could not look for answers to post")
+            await asyncio.sleep(poll_s)
+
+    async def _post_outcome(self, job_id: int, event: str, text: str,
+                            job: Job | None = None) -> bool:
+        """Post one job's outcome if this process can and nobody posted it; True if it did."""
+        async with self._attaching:
+            live = job_id in self._live
+        fallback = None
+        if not live:
+            job = job or await asyncio.to_thread(self.queue.get, job_id)
+            fallback = self._fallbacks.get(job.platform) if job is not None else None
+            if fallback is None:
+                return False  # no way to post it from here: the gateway's poll will
+        if not await asyncio.to_thread(self._claim_posting, job_id):
+            return False  # posted already, by the other path or another process
+        async with self._attaching:
+            followed = self._live.pop(job_id, None)
+        if followed is not None:
+            posted = await followed.finish(text)
         else:
-            self._live.pop(job_id, None)
-            posted = await status.finish(text)
+            job = job or await asyncio.to_thread(self.queue.get, job_id)
+            fallback = fallback or self._fallbacks.get(job.platform)
+            posted = await fallback(job, text) if fallback is not None else None
         # Only an answer can be followed up; a reply to a failure is an ordinary message.
         if event == "done" and posted is not None:
             await asyncio.to_thread(self._remember_answer, posted, job_id)
+        return True
 
-    async def _fall_back(self, job_id: int, text: str) -> PostedAnswer | None:
-        job = await asyncio.to_thread(self.queue.get, job_id)
-        fallback = self._fallbacks.get(job.platform) if job is not None else None
-        if fallback is None:
-            return None
-        return await fallback(job, text)
+    def _unposted(self, platforms: list[str]) -> list[Job]:
+        with self.queue.ctx.db.session() as session:
+            return job_rows.unposted_outcomes(session, platforms)
+
+    def _claim_posting(self, job_id: int) -> bool:
+        with self.queue.ctx.db.session() as session:
+            return job_rows.claim_posting(session, job_id)
 
     def _remember_answer(self, posted: PostedAnswer, job_id: int) -> None:
         with self.queue.ctx.db.session() as session:

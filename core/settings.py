@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     # On SIGTERM/SIGINT the running answer gets this long to finish; then it is handed back to
     # the queue (another worker, or the next start, takes it up).
     shutdown_grace_s: float = 10.0
+    # How often the gateway looks for answers finished by any worker (another host's too) that
+    # are still to be posted to the chat that asked.
+    job_poll_s: float = Field(2.0, gt=0)
 
     attention: PrBlockConfig = PrBlockConfig()
     kv_cache: SAQConfig = SAQConfig()

@@ -4,7 +4,8 @@ UPDATE whose row count (or RETURNING row) says who won.
 
 A job moves queued -> running -> done | failed | timed_out, or to cancelled from either of the
 first two; an interrupted running job (lease expired) goes back to queued until it has used
-`max_attempts` starts, then fails.
+`max_attempts` starts, then fails. Once finished, its outcome is posted to the chat once:
+`claim_posting` marks it (`posted_at`), and only the caller that marked it posts.
 """
 
 from collections.abc import Collection
@@ -13,7 +14,7 @@ from datetime import datetime
 from sqlalchemy import func, or_, select, text, true, update
 from sqlalchemy.orm import Session
 
-from storage.models import Job, utcnow
+from storage.models import UNPOSTED, Job, utcnow
 
 PENDING = ("queued", "running")
 FINAL = ("done", "failed", "cancelled", "timed_out")
@@ -174,7 +175,30 @@ def cancel_queued_job(session: Session, job_id: int, user_id: str) -> bool:
             status="cancelled",
             finished_at=utcnow(),
             error="The question was cancelled by the person who asked it.",
+            # The canceller's own reply shows this outcome: nothing else is to be posted.
+            posted_at=utcnow(),
         )
+    )
+    return result.rowcount == 1
+
+
+def unposted_outcomes(session: Session, platforms: Collection[str], limit: int = 50
+                      ) -> list[Job]:
+    """Finished jobs of these platforms whose outcome no chat adapter has posted, oldest first.
+    One query on ix_jobs_unposted, whose rows are exactly these (so it stays small)."""
+    if not platforms:
+        return []
+    return list(session.scalars(
+        select(Job).where(text(UNPOSTED), Job.platform.in_(platforms)).order_by(Job.id)
+        .limit(limit)
+    ))
+
+
+def claim_posting(session: Session, job_id: int) -> bool:
+    """Mark this job's outcome as posted; True for the one caller that marked it (the one that
+    must post it), False when another process or path did already."""
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.posted_at.is_(None)).values(posted_at=utcnow())
     )
     return result.rowcount == 1
 

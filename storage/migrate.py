@@ -23,6 +23,7 @@ SCRIPTS = Path(__file__).resolve().parent / "migrations"
 # The revisions that match what `create_all` made before migrations: tables -> revision.
 BASELINE = "0001"
 WITH_FOLLOW_UPS = "0002"
+WITH_POSTED_AT = "0003"
 # Any constant shared by every host: one host migrates while the others wait.
 _MIGRATION_LOCK = 0x7A1C_0001
 # Tables kept by others in the same database (the PostgreSQL media store's own): not ours.
@@ -49,10 +50,12 @@ def current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
-def _adopted_revision(tables: set[str]) -> str | None:
+def _adopted_revision(tables: set[str], job_columns: set[str]) -> str | None:
     """Which revision a database made by create_all is at, or None for an empty database."""
     if "cars" not in tables:
         return None
+    if "posted_at" in job_columns:
+        return WITH_POSTED_AT
     return WITH_FOLLOW_UPS if "follow_ups" in tables else BASELINE
 
 
@@ -83,7 +86,11 @@ def upgrade_schema(engine: Engine) -> str:
     with _migration_lock(engine) as connection:
         config = alembic_config(connection)
         if current_revision(connection) is None:
-            adopted = _adopted_revision(set(inspect(connection).get_table_names()))
+            inspector = inspect(connection)
+            tables = set(inspector.get_table_names())
+            job_columns = ({c["name"] for c in inspector.get_columns("jobs")}
+                           if "jobs" in tables else set())
+            adopted = _adopted_revision(tables, job_columns)
             if adopted is None:
                 # An empty database: today's tables at once, then marked as the newest.
                 Base.metadata.create_all(connection)

@@ -14,8 +14,12 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# A finished job whose outcome no chat adapter has posted yet (ix_jobs_unposted's rows).
+UNPOSTED = "posted_at IS NULL AND status IN ('done', 'failed', 'cancelled', 'timed_out')"
 
 
 def utcnow() -> datetime:
@@ -103,7 +107,12 @@ class Job(Base):
 
     __tablename__ = "jobs"
     # Per-user limit check: count one user's pending jobs without scanning the table.
-    __table_args__ = (Index("ix_jobs_user_status", "user_id", "status"),)
+    # The gateway's poll for outcomes to post reads only the few finished, unposted rows.
+    __table_args__ = (
+        Index("ix_jobs_user_status", "user_id", "status"),
+        Index("ix_jobs_unposted", "platform", sqlite_where=text(UNPOSTED),
+              postgresql_where=text(UNPOSTED)),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(20), default="ask")
@@ -125,6 +134,9 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When a chat adapter posted the outcome (the answer, or why there is none), whichever
+    # process's worker finished the job; NULL until then.
+    posted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class FollowUp(Base):

@@ -118,6 +118,9 @@ def test_a_database_from_before_follow_ups_is_upgraded_to_them_keeping_its_rows(
     old = Database(engine)
     with old.session() as session:
         _fill(session, with_follow_ups=False)
+    with engine.begin() as connection:  # jobs as they were then, too
+        connection.exec_driver_sql("DROP INDEX ix_jobs_unposted")
+        connection.exec_driver_sql("ALTER TABLE jobs DROP COLUMN posted_at")
     models = [Car, Mosaic, Tile, Job, MosaicMessage]
     before = _counts(old, models)
     old.close()
@@ -170,8 +173,8 @@ def test_db_revision_writes_the_next_migration_for_a_change(tmp_path):
     with db.engine.begin() as connection:  # a database one table behind the models
         connection.exec_driver_sql("DROP TABLE answer_messages")
     path = write_revision(db.engine, "answer messages again", scripts)
-    assert path.name == "0003_answer_messages_again.py"
-    assert 'down_revision: str | None = "0002"' in path.read_text()
+    assert path.name == "0004_answer_messages_again.py"
+    assert 'down_revision: str | None = "0003"' in path.read_text()
     assert "op.create_table(" in path.read_text() and "answer_messages" in path.read_text()
     with db.engine.begin() as connection:
         command.upgrade(alembic_config(connection, scripts), "head")

@@ -94,7 +94,7 @@ def test_db_upgrade_migrates_a_create_all_database_and_says_so(data_dir, capsys)
                                                     "status": "done", "attempts": 1})
     engine.dispose()
     assert main(["db", "upgrade"]) == 0
-    assert "revision 0002 (newest: 0002)" in capsys.readouterr().out
+    assert "revision 0003 (newest: 0003)" in capsys.readouterr().out
     db = Database.open(f"sqlite:///{data_dir / 'talkmosaic.db'}")
     with db.session() as session:
         assert session.query(Job).count() == 1
