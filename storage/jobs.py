@@ -185,7 +185,8 @@ def cancel_queued_job(session: Session, job_id: int, user_id: str) -> bool:
 def unposted_outcomes(session: Session, platforms: Collection[str], limit: int = 50
                       ) -> list[Job]:
     """Finished jobs of these platforms whose outcome no chat adapter has posted, oldest first.
-    One query on ix_jobs_unposted, whose rows are exactly these (so it stays small)."""
+    One query on ix_jobs_unposted: it holds only finished, unposted jobs, and the search by
+    platform reads only these platforms' (web questions, never posted, are not read)."""
     if not platforms:
         return []
     return list(session.scalars(

@@ -11,6 +11,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, func, inspect, select
 
 from storage.db import Database, make_engine
+from storage.jobs import unposted_outcomes
 from storage.migrate import (
     SCRIPTS,
     alembic_config,
@@ -28,6 +29,7 @@ from storage.models import (
     Mosaic,
     MosaicMessage,
     Tile,
+    utcnow,
 )
 
 BEFORE_FOLLOW_UPS = [t for name, t in Base.metadata.tables.items()
@@ -136,6 +138,24 @@ def test_a_database_from_before_follow_ups_is_upgraded_to_them_keeping_its_rows(
         session.flush()
         session.add(FollowUp(job_id=later.id, parent_job_id=first.id))
     db.close()
+
+
+def test_jobs_finished_before_posted_at_count_as_posted(db_url):
+    engine = make_engine(db_url)
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "0002")
+        connection.execute(Job.__table__.insert(), [
+            {"platform": "discord", "user_id": "u", "question": "Why?", "status": status,
+             "reply_to": {}, "kind": "ask", "attempts": 1, "created_at": utcnow()}
+            for status in ("done", "failed", "queued")
+        ])
+        command.upgrade(alembic_config(connection), "head")
+    with Database(engine).session() as session:
+        posted = dict(session.execute(select(Job.status, Job.posted_at.is_not(None))).all())
+        assert posted == {"done": True, "failed": True, "queued": False}
+        # So a gateway's first poll after the upgrade posts none of the old answers again.
+        assert unposted_outcomes(session, ["discord"]) == []
+    engine.dispose()
 
 
 def test_hosts_starting_together_migrate_once(db_url):
