@@ -41,6 +41,8 @@ from storage.models import Job, Mosaic
 # Mosaics built from the CLI or `talkmosaic demo` live here and are visible from every chat.
 SHARED_SCOPE = "local"
 OFF_LOOP_THREADS = 2
+# Tries to post one outcome (a chat API that refused it: down, rate-limited) before giving up.
+POST_TRIES = 3
 # Commands that cost real work; look-ups and lists stay free so "C7" then "C8" just works.
 COOLED_COMMANDS = frozenset({"build", "show", "ask"})
 # A message that is nothing but a tile coordinate, e.g. "C7", "aa12" or "3,7".
@@ -503,6 +505,7 @@ class JobUpdates:
         self._live: dict[int, _Followed] = {}
         self._fallbacks: dict[str, Fallback] = {}
         self._attaching = asyncio.Lock()
+        self._failed_posts: dict[int, int] = {}
 
     def add_fallback(self, platform: str, fallback: Fallback) -> None:
         self._fallbacks[platform] = fallback
@@ -536,7 +539,8 @@ class JobUpdates:
     async def post_finished(self) -> int:
         """Post the outcome of every finished job of this process's platforms that nobody has
         posted yet, whichever worker finished it; returns how many this call posted. One
-        indexed query, off the event loop; a post that fails is logged and not retried."""
+        indexed query, off the event loop. A post that fails is logged and tried again by the
+        next polls, POST_TRIES times in all."""
         if not self._fallbacks:
             return 0
         jobs = await asyncio.to_thread(self._unposted, sorted(self._fallbacks))
@@ -573,12 +577,22 @@ class JobUpdates:
             return False  # posted already, by the other path or another process
         async with self._attaching:
             followed = self._live.pop(job_id, None)
-        if followed is not None:
-            posted = await followed.finish(text)
-        else:
-            job = job or await asyncio.to_thread(self.queue.get, job_id)
-            fallback = fallback or self._fallbacks.get(job.platform)
-            posted = await fallback(job, text) if fallback is not None else None
+        try:
+            if followed is not None:
+                posted = await followed.finish(text)
+            else:
+                job = job or await asyncio.to_thread(self.queue.get, job_id)
+                fallback = fallback or self._fallbacks.get(job.platform)
+                posted = await fallback(job, text) if fallback is not None else None
+        except Exception:
+            tries = self._failed_posts[job_id] = self._failed_posts.get(job_id, 0) + 1
+            if tries < POST_TRIES:
+                # Unmarked, the next poll (here or in another gateway) tries it again.
+                await asyncio.to_thread(self._release_posting, job_id)
+            else:
+                del self._failed_posts[job_id]
+            raise
+        self._failed_posts.pop(job_id, None)
         # Only an answer can be followed up; a reply to a failure is an ordinary message.
         if event == "done" and posted is not None:
             await asyncio.to_thread(self._remember_answer, posted, job_id)
@@ -591,6 +605,10 @@ class JobUpdates:
     def _claim_posting(self, job_id: int) -> bool:
         with self.queue.ctx.db.session() as session:
             return job_rows.claim_posting(session, job_id)
+
+    def _release_posting(self, job_id: int) -> None:
+        with self.queue.ctx.db.session() as session:
+            job_rows.release_posting(session, job_id)
 
     def _remember_answer(self, posted: PostedAnswer, job_id: int) -> None:
         with self.queue.ctx.db.session() as session:

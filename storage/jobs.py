@@ -204,6 +204,11 @@ def claim_posting(session: Session, job_id: int) -> bool:
     return result.rowcount == 1
 
 
+def release_posting(session: Session, job_id: int) -> None:
+    """Unmark a job whose outcome could not be posted, so that it is tried again."""
+    session.execute(update(Job).where(Job.id == job_id).values(posted_at=None))
+
+
 def queue_positions(session: Session, now: datetime) -> dict[int, int]:
     """Each queued job's place in line, 1 = next: the queued jobs before it, plus the jobs
     running under a live lease, plus one. Counting running jobs is the honest answer to "how

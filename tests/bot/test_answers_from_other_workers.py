@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from bot.commands import CANCELLED, JobUpdates, PostedAnswer
+from bot.commands import CANCELLED, POST_TRIES, JobUpdates, PostedAnswer
 from core.worker import JobQueue, Worker
 from storage.messages import job_for_answer_message
 from storage.models import Job
@@ -130,6 +130,45 @@ async def test_answers_finished_while_no_gateway_ran_are_posted_once_on_start(
     slack.add_fallback("slack", fallback)
     assert await slack.post_finished() == 1
     assert posted[-1] == (second.job_id, f"answer {second.job_id} by other-host")
+
+
+async def test_an_answer_the_chat_refused_is_tried_again_by_the_next_poll(
+    settings, ctx, queue, vehicle_photos, tmp_path
+):
+    job = queue.submit("discord", "u1", {"channel_id": "c1"}, vehicle_photos[0].read_bytes(),
+                       QUESTION)
+    await other_host_answers(settings, tmp_path)
+    tries: list[str] = []
+
+    async def down_once(job: Job, text: str) -> None:
+        tries.append(text)
+        if len(tries) == 1:
+            raise ConnectionError("Discord is unreachable")
+
+    updates = JobUpdates(queue)
+    updates.add_fallback("discord", down_once)
+    assert await updates.post_finished() == 0
+    assert await updates.post_finished() == 1
+    assert await updates.post_finished() == 0
+    assert tries == [f"answer {job.job_id} by other-host"] * 2
+
+
+async def test_an_answer_the_chat_always_refuses_is_given_up_after_a_few_tries(
+    settings, ctx, queue, vehicle_photos, tmp_path
+):
+    queue.submit("discord", "u1", {"channel_id": "c1"}, vehicle_photos[0].read_bytes(), QUESTION)
+    await other_host_answers(settings, tmp_path)
+    tries: list[str] = []
+
+    async def gone(job: Job, text: str) -> None:
+        tries.append(text)
+        raise ConnectionError("Unknown Channel")
+
+    updates = JobUpdates(queue)
+    updates.add_fallback("discord", gone)
+    for _ in range(POST_TRIES + 2):
+        assert await updates.post_finished() == 0
+    assert len(tries) == POST_TRIES
 
 
 async def test_the_own_workers_answer_is_still_posted_once(
