@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -217,6 +218,10 @@ async def start_slack(settings: Settings, commands: Commands, updates: JobUpdate
 
 
 def _cannot_listen(what: str, host: str, port: int, error: OSError, settings: str) -> str:
+    if isinstance(error, socket.gaierror):
+        host_setting = settings.split("/")[0]
+        return (f"{what} cannot listen on {host}:{port}: no address of this machine has the "
+                f"name {host}; set {host_setting} to an address such as 127.0.0.1 or 0.0.0.0.")
     reason = (os.strerror(error.errno) if error.errno else str(error)).rstrip(".").lower()
     return f"{what} cannot listen on {host}:{port} ({reason}); set {settings} to a free address."
 

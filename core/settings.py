@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     slack_app_token: SecretStr | None = None
     slack_signing_secret: SecretStr | None = None
     slack_host: str = "127.0.0.1"
-    slack_port: int = 3000
+    slack_port: int = Field(3000, ge=0, le=65535)
     # The Web API, and the only hosts the bot token is sent to for `url_private` downloads
     # (GovSlack: https://slack-gov.com/api/ and files.slack-gov.com).
     slack_api_url: str = "https://slack.com/api/"
@@ -59,7 +59,7 @@ class Settings(BaseSettings):
 
     # Web gallery: loopback only unless changed on purpose.
     gallery_host: str = "127.0.0.1"
-    gallery_port: int = 8080
+    gallery_port: int = Field(8080, ge=0, le=65535)
     # Where people reach the gallery (behind a proxy), e.g. https://mosaics.example.org: chat
     # messages then link each mosaic's page. Empty: no link.
     gallery_public_url: str | None = None

@@ -56,6 +56,18 @@ def test_a_setting_that_does_not_parse_is_one_sentence(tmp_path):
                                   "integer")
 
 
+def test_a_port_off_the_range_is_one_sentence(tmp_path):
+    finished = run_bot(tmp_path, GALLERY_PORT="99999")
+    assert_one_sentence(finished, "GALLERY_PORT='99999' is not valid (input should be less "
+                                  "than or equal to 65535")
+
+
+def test_a_gallery_host_that_does_not_resolve_is_one_sentence(tmp_path):
+    finished = run_bot(tmp_path, GALLERY_HOST="no.such.host.invalid")
+    assert_one_sentence(finished, "The gallery cannot listen on no.such.host.invalid:0: no "
+                                  "address of this machine has the name no.such.host.invalid")
+
+
 def test_a_gallery_port_in_use_is_one_sentence(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
