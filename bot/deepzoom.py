@@ -42,7 +42,7 @@ STATIC_FILES = {
 MAX_COORDINATE_CHARS = 16
 NOT_A_COORDINATE = (
     "That is not a tile coordinate: write a column letter and a row number such as C7, "
-    "or row,column such as 3,7."
+    "or row,column such as 7,3 (the same tile)."
 )
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _ID = re.compile(r"[0-9]{1,18}")

@@ -143,7 +143,7 @@ def waiting_view(job_id: int) -> discord.ui.View:
 
 class CoordinateModal(discord.ui.Modal, title="Pick a tile"):
     coordinate = discord.ui.Label(
-        text="Tile", description="Column letters and row number, e.g. C7 (or row,column: 3,7)",
+        text="Tile", description="Column letters and row number, e.g. C7 (or row,column: 7,3)",
         component=discord.ui.TextInput(placeholder="C7", min_length=2, max_length=13),
     )
 

@@ -18,7 +18,7 @@ _ASCII_NUMBER = re.compile(r"[0-9]{1,19}")
 MAX_COORDINATE_CHARS = 16
 BAD_COORDINATE = (
     "That is not a tile coordinate: write a column letter and a row number such as C7, "
-    "or row,column such as 3,7."
+    "or row,column such as 7,3 (the same tile)."
 )
 FAILED = "Something went wrong in the gallery; please try again."
 ROUTER_SENTENCES = {

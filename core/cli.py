@@ -200,9 +200,9 @@ def add_mosaic_commands(commands) -> None:
     show.add_argument("name")
     show.set_defaults(handler=mosaic_show)
 
-    tile = actions.add_parser("tile", help="the car photo behind a tile, e.g. C7 or 3,7")
+    tile = actions.add_parser("tile", help="the car photo behind a tile, e.g. C7 (or 7,3)")
     tile.add_argument("name")
-    tile.add_argument("coordinate", help="column letters + row number (C7), or row,column (3,7)")
+    tile.add_argument("coordinate", help="column letters + row number (C7), or row,column (7,3)")
     tile.add_argument("--out", type=Path, metavar="FILE", help="write the photo there")
     tile.set_defaults(handler=mosaic_tile)
 

@@ -111,7 +111,7 @@ def format_coordinate(row: int, col: int) -> str:
 def parse_coordinate(text: str, rows: int, cols: int) -> tuple[int, int]:
     """A tile coordinate -> 0-based (row, col).
 
-    "C7" (any case) is column C, row 7, as labelled on the preview; "3,7" is row 3, column 7,
+    "C7" (any case) is column C, row 7, as labelled on the preview; "7,3" is row 7, column 3 (C7),
     both counted from 1. Raises BadCoordinate if it does not parse or lies off the grid.
     """
     cleaned = text.strip()
@@ -122,7 +122,7 @@ def parse_coordinate(text: str, rows: int, cols: int) -> tuple[int, int]:
     else:
         raise BadCoordinate(
             f'"{cleaned[:20]}" is not a tile coordinate: write a column letter and a row number '
-            "such as C7, or row,column such as 3,7."
+            "such as C7, or row,column such as 7,3 (the same tile)."
         )
     if not (0 <= row < rows and 0 <= col < cols):
         raise BadCoordinate(
