@@ -253,7 +253,7 @@ class TerminalChat:
             self.say("That mosaic is no longer here.")
             return
         self.say(reply.text.replace("Reply to this message with a tile",
-                                    "Type a tile such as C7 (or /random), any tile"))
+                                    "Type a tile (or /random), any tile"))
         for name, data in reply.files:
             path = self.files_dir / name
             await asyncio.to_thread(self._write, path, data)
