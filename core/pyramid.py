@@ -15,6 +15,7 @@ widest grid (300 columns).
 
 import io
 import json
+import logging
 import math
 import shutil
 import struct
@@ -40,6 +41,9 @@ from storage import cars as car_rows
 from storage import mosaics as mosaic_rows
 from storage.media import MediaMissing
 from storage.models import Mosaic
+
+# libvips reports every finished thread pool at INFO (hundreds a pyramid): keep its warnings only.
+logging.getLogger("pyvips").setLevel(logging.WARNING)
 
 # Each car on the deepest level, and the DZI tile size: one deepest tile is one car.
 CELL_PX = 256

@@ -17,6 +17,8 @@
   const phone = window.matchMedia("(max-width: 700px)");
   let info = null, viewer = null, cellPx = 0, selected = null, hover = null;
   let tileUrl = null;
+  // The flat render shown while the deep-zoom pyramid is built (a first view can take a while).
+  let placeholder = null;
   // The last answered job of the conversation shown (what a follow-up continues), and a
   // counter that tells a late answer of a conversation no longer shown to stay away.
   let lastJob = null, shown = 0;
@@ -172,6 +174,9 @@
     const tile = await res.json();
     tileUrl = `/api/mosaics/${id}/tiles/${tile.label}`;
     selected = { row: tile.row, col: tile.col };
+    // The toolbar names the tile shown, not the one the pointer last crossed.
+    hover = null;
+    hoverOut.textContent = tile.label;
     document.getElementById("tile-title").textContent = "Tile " + tile.label;
     show(document.getElementById("tile-hint"), false);
     const photo = document.getElementById("car-photo");
@@ -199,6 +204,8 @@
     show(document.getElementById("ask-form"), true);
     panel.classList.add("open");
     newConversation();
+    // Before the pyramid is ready the car is shown at once; the viewer flies there on opening.
+    if (!viewer || !cellPx) return;
     if (fly) flyTo(tile.row, tile.col, immediately);
     else abovePanel(tile.row, tile.col, immediately);
     drawGrid();
@@ -237,10 +244,10 @@
     });
     viewer.addHandler("open", () => {
       say("");
+      if (placeholder) { placeholder.remove(); placeholder = null; }
+      if (selected) flyTo(selected.row, selected.col, true);
       publishView();
       drawGrid();
-      const start = decodeURIComponent(location.pathname.split("/")[3] || "");
-      if (start) select(start, true, true);
     });
     viewer.addHandler("open-failed", (e) => say("The deep zoom could not be opened: " + e.message, true));
     viewer.addHandler("update-viewport", () => { publishView(); drawGrid(); });
@@ -269,7 +276,11 @@
       drawGrid();
     }
   });
-  view.addEventListener("pointerleave", () => { hover = null; hoverOut.textContent = ""; drawGrid(); });
+  view.addEventListener("pointerleave", () => {
+    hover = null;
+    hoverOut.textContent = selected ? labelOf(selected.row, selected.col) : "";
+    drawGrid();
+  });
 
   document.getElementById("zoom-in").onclick = () => viewer && viewer.viewport.zoomBy(1.6);
   document.getElementById("zoom-out").onclick = () => viewer && viewer.viewport.zoomBy(1 / 1.6);
@@ -278,7 +289,7 @@
   document.getElementById("goto-form").addEventListener("submit", (e) => {
     e.preventDefault();
     const text = document.getElementById("goto").value.trim();
-    if (text && viewer) select(text, true, false);
+    if (text && info) select(text, true, false);
   });
 
   const conversation = document.getElementById("conversation");
@@ -290,8 +301,18 @@
     show(followUpForm, false);
   };
 
+  // The answer text normally ends with its own "Sources: [1] ..." paragraph; the list is
+  // written out only for an answer that lacks one, so each source is shown once.
+  const withSources = (answer, sources) => {
+    if (/(^|\n)Sources:/.test(answer) || !sources.length) return answer;
+    const lines = sources.map((s, i) => `[${i + 1}] ${s.title || ""} — ${s.source || ""}`);
+    return [answer, "", "Sources:", ...lines].join("\n");
+  };
+  const reveal = (el) => el.scrollIntoView({ block: "nearest" });
+
   // One turn: the question, then its answer below the earlier ones once the worker has it.
-  const askTurn = async (url, form) => {
+  // The question box is emptied once the question is accepted (kept if it is refused).
+  const askTurn = async (url, form, box) => {
     const mine = shown;
     const turn = document.createElement("div"); turn.className = "turn";
     const question = document.createElement("p"); question.className = "question";
@@ -300,8 +321,15 @@
     turn.append(question, out);
     conversation.append(turn);
     show(followUpForm, false);
+    reveal(turn);
     const res = await fetch(url, { method: "POST", body: form });
-    if (!res.ok) { out.textContent = await res.text(); show(followUpForm, lastJob !== null); return; }
+    if (!res.ok) {
+      out.textContent = await res.text();
+      show(followUpForm, lastJob !== null);
+      reveal(turn);
+      return;
+    }
+    box.value = "";
     const { job, position } = await res.json();
     out.textContent = `Queued: you are #${position}.`;
     for (;;) {
@@ -311,11 +339,12 @@
       if (st.status === "queued") out.textContent = `Queued: you are #${st.position}.`;
       else if (st.status === "running") out.textContent = "Thinking about this car…";
       else {
-        const sources = (st.sources || []).map((s, i) => `[${i + 1}] ${s.title || ""} — ${s.source || ""}`);
-        out.textContent = st.answer ? [st.answer, "", ...sources].join("\n") : (st.error || st.status);
+        out.textContent = st.answer ? withSources(st.answer, st.sources || [])
+          : (st.error || st.status);
         if (mine !== shown) return;
         if (st.status === "done") lastJob = job;
         show(followUpForm, lastJob !== null);
+        reveal(turn);
         return;
       }
     }
@@ -324,14 +353,13 @@
   document.getElementById("ask-form").addEventListener("submit", (e) => {
     e.preventDefault();
     newConversation();
-    askTurn(tileUrl + "/ask", new FormData(e.target));
+    askTurn(tileUrl + "/ask", new FormData(e.target), document.getElementById("question"));
   });
 
   followUpForm.addEventListener("submit", (e) => {
     e.preventDefault();
-    const form = new FormData(e.target);
-    e.target.reset();
-    askTurn(`/api/jobs/${lastJob}/follow-up`, form);
+    askTurn(`/api/jobs/${lastJob}/follow-up`, new FormData(e.target),
+      document.getElementById("follow-up"));
   });
 
   window.addEventListener("resize", drawGrid);
@@ -340,7 +368,17 @@
     const res = await fetch(`/api/mosaics/${id}`);
     if (!res.ok) { say(await res.text(), true); return; }
     info = await res.json();
-    // The first view of a mosaic builds its pyramid, which can take a while for a large one.
+    // A tile link shows its car at once: the car does not wait for the pyramid.
+    const start = decodeURIComponent(location.pathname.split("/")[3] || "");
+    if (start) select(start, true, true);
+    // The first view of a mosaic builds its pyramid, which can take a while for a large one;
+    // meanwhile the flat render stands in for the deep zoom.
+    placeholder = document.createElement("img");
+    placeholder.id = "placeholder";
+    placeholder.alt = "";
+    placeholder.src = `/media/mosaics/${id}/render?w=${Math.max(16, Math.min(2048,
+      Math.ceil(view.clientWidth * (window.devicePixelRatio || 1))))}`;
+    view.append(placeholder);
     const dzi = await fetch(`/api/mosaics/${id}.dzi`);
     if (!dzi.ok) { say(await dzi.text(), true); return; }
     open(await dzi.text());

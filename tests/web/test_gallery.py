@@ -250,3 +250,47 @@ async def test_a_follow_up_answer_shows_below_the_first_in_the_browser(
     assert questions == ["What pollutes?", "And its tyres?"]
     assert [text.strip() for text in shown] == ["Answer 1.", "Answer 2."]
     assert answers.seen[1][0] == (("What pollutes?", "Answer 1."),)
+
+
+def _answer_with_sources(job, progress) -> AnswerResult:
+    text = "A catalytic converter cleans the exhaust [1].\n\nSources: [1] Cat (EEA)"
+    return AnswerResult(text, [{"title": "Cat", "source": "EEA"}], {})
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed")
+async def test_an_answer_shows_each_source_once_in_view_and_empties_the_box(
+    ctx, mosaic, asking_gallery
+):
+    from playwright.async_api import async_playwright
+
+    working = asyncio.create_task(Worker(ctx, _answer_with_sources, poll_s=0.05).run_forever())
+    try:
+        async with async_playwright() as pw:
+            browser = await launch_chromium(pw)
+            page = await browser.new_page(viewport={"width": 1280, "height": 800})
+            await page.goto(f"{asking_gallery}/m/{mosaic.id}/C2")
+            await page.locator("#tile-title", has_text="Tile C2").wait_for()
+            await page.locator("#car-photo").wait_for(state="visible")
+            await page.fill("#question", "What pollutes?")
+            await page.click("#ask-form button")
+            answer = page.locator(".turn .answer", has_text="catalytic")
+            await answer.wait_for()
+            await page.locator("#follow-up-form").wait_for(state="visible")
+            text = await answer.inner_text()
+            box = await answer.bounding_box()
+            left = await page.input_value("#question")
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / "gallery-answer.png"))
+            await page.fill("#follow-up", "And its tyres?")
+            await page.click("#follow-up-form button")
+            await page.locator(".turn:nth-child(2) .answer", has_text="catalytic").wait_for()
+            second = await page.locator(".turn:nth-child(2) .answer").inner_text()
+            left_follow_up = await page.input_value("#follow-up")
+            await browser.close()
+    finally:
+        working.cancel()
+        await asyncio.gather(working, return_exceptions=True)
+    assert text.count("Cat") == 1 and text.count("[1] ") == 1, text
+    assert second.count("Cat") == 1, second
+    assert box["y"] >= 0 and box["y"] + box["height"] <= 800  # scrolled into view
+    assert left == "" and left_follow_up == ""

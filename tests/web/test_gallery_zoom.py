@@ -346,3 +346,92 @@ async def test_on_a_phone_a_pinch_zooms_in(gallery, mosaic):
         await page.screenshot(path=str(ARTIFACTS / "zoom-phone-pinch.png"))
         await browser.close()
     assert after[2] < before[2] / 3  # the fingers moved 8x apart: well over 3x closer
+
+
+@needs_chromium
+async def test_a_tile_link_shows_its_car_and_the_flat_render_before_the_pyramid_is_ready(
+    ctx, gallery, mosaic, monkeypatch
+):
+    import threading
+
+    from playwright.async_api import async_playwright
+
+    import core.pyramid
+
+    release = threading.Event()
+    real = core.pyramid.build_pyramid
+
+    def slow(*args):
+        release.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(core.pyramid, "build_pyramid", slow)
+    try:
+        async with async_playwright() as pw:
+            browser = await launch_chromium(pw)
+            page = await browser.new_page(viewport={"width": 1200, "height": 800})
+            await page.goto(f"{gallery}/m/{mosaic.id}/C7")
+            await page.locator("#tile-title", has_text="Tile C7").wait_for()
+            shown = await _shown_photo(page, gallery)
+            flat = page.locator("#placeholder")
+            await flat.wait_for(state="visible")
+            flat_ok = await page.evaluate("document.getElementById('placeholder').naturalWidth")
+            building = await page.locator("#stage").get_attribute("data-view")
+            await page.screenshot(path=str(ARTIFACTS / "zoom-url-before-pyramid.png"))
+            release.set()
+            await page.locator("#stage[data-view]").wait_for(state="attached")
+            await flat.wait_for(state="detached")
+            centred = await _centred_on(page, "C7")
+            await browser.close()
+    finally:
+        release.set()
+    assert shown == car_at(ctx, mosaic, 6, 2)
+    assert building is None  # the car was shown while the pyramid was still being built
+    assert flat_ok > 0
+    assert centred
+
+
+@needs_chromium
+async def test_the_toolbar_names_the_typed_tile_after_a_hover(gallery, mosaic):
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await launch_chromium(pw)
+        page = await _page(browser, f"{gallery}/m/{mosaic.id}",
+                           viewport={"width": 1200, "height": 800})
+        await page.mouse.move(*await _screen_point(page, *_centre("H12", await _cell_px(page))))
+        hovered = await page.locator("#hover-coord").text_content()
+        await page.fill("#goto", "C7")
+        await page.press("#goto", "Enter")
+        await page.locator("#tile-title", has_text="Tile C7").wait_for()
+        await _still(page)
+        named = await page.locator("#hover-coord").text_content()
+        await browser.close()
+    assert hovered == "H12"
+    assert named == "C7"
+
+
+@needs_chromium
+async def test_the_gallery_pages_report_no_errors(gallery, mosaic):
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await launch_chromium(pw)
+        problems = []
+        for url in (f"{gallery}/", f"{gallery}/m/{mosaic.id}/C7"):
+            page = await (await browser.new_context()).new_page()
+            page.on("console", lambda m: m.type == "error" and problems.append(m.text))
+            page.on("response", lambda r: r.status >= 400 and problems.append(r.url))
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            await page.goto(url)
+            await page.wait_for_load_state("networkidle")
+        await browser.close()
+    assert problems == []
+
+
+def test_pyvips_logs_warnings_only():
+    import logging
+
+    import core.pyramid  # noqa: F401
+
+    assert logging.getLogger("pyvips").getEffectiveLevel() == logging.WARNING
