@@ -414,12 +414,9 @@ def make_slack_app(
 
     @app.view(ASK_ABOUT_CAR)
     async def car_question_sent(ack, body: dict, view: dict) -> None:
-        where = json.loads(view["private_metadata"])
-        question = _input_value(view, QUESTION_BLOCK).strip()
+        where, question = await _accept_question(ack, view)
         if not question:
-            await ack(response_action="errors", errors={QUESTION_BLOCK: EMPTY_QUESTION})
             return
-        await ack()
         await queue_question(where["channel"], body["user"]["id"], where["thread_ts"], None,
                              question, tile=(where["mosaic_id"], where["coordinate"]))
 
@@ -442,12 +439,9 @@ def make_slack_app(
 
     @app.view(ASK_ABOUT_PHOTO)
     async def photo_question_sent(ack, body: dict, view: dict) -> None:
-        where = json.loads(view["private_metadata"])
-        question = _input_value(view, QUESTION_BLOCK).strip()
+        where, question = await _accept_question(ack, view)
         if not question:
-            await ack(response_action="errors", errors={QUESTION_BLOCK: EMPTY_QUESTION})
             return
-        await ack()
         channel, user = where["channel"], body["user"]["id"]
         try:
             image = await files.download(where["file"])
@@ -557,6 +551,17 @@ def question_modal(callback_id: str, title: str, metadata: dict) -> dict:
                         "placeholder": _plain("Which parts of this car pollute?")},
         }],
     }
+
+
+async def _accept_question(ack, view: dict) -> tuple[dict, str]:
+    """A question modal's submission: (its private metadata, the question), acknowledged; an
+    empty question is sent back as the error under its box and comes back as ""."""
+    question = _input_value(view, QUESTION_BLOCK).strip()
+    if not question:
+        await ack(response_action="errors", errors={QUESTION_BLOCK: EMPTY_QUESTION})
+    else:
+        await ack()
+    return json.loads(view["private_metadata"]), question
 
 
 def _input_value(view: dict, block_id: str) -> str:
