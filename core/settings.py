@@ -126,6 +126,10 @@ class Settings(BaseSettings):
                     )
                 heads = tuple((int(layer), int(head)) for layer, head in pairs)
             value = {**value, "dense_heads": heads}
+        if isinstance(value, dict) and isinstance(value.get("buckets"), str):
+            # "1024,2048" and "[1024,2048]" both mean (1024, 2048).
+            lengths = value["buckets"].strip("[]() ").split(",")
+            value = {**value, "buckets": tuple(int(b) for b in lengths if b.strip())}
         return value
 
     @property
