@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     qa_backend: Literal["embedded", "vlm"] = "embedded"
     vlm_model_path: Path | None = None
     vlm_quantization: Literal["none", "4bit", "8bit"] = "none"
+    # Visual tokens one photo may cost the VLM (its processor's image size is lowered to fit).
+    vlm_max_image_tokens: int = Field(1024, ge=1)
     # extract: the facts' own sentences ranked by meaning and retrieval score (no language model:
     # measured as good and 8x faster on the CPU); rank: the embedded model's log-probability
     # joins the ranking; write: it writes, and only sentences the claim check supports are shown.

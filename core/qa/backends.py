@@ -35,8 +35,11 @@ from core.vlm.config import PrBlockConfig, SAQConfig
 from core.vlm.loader import (
     ModelNotInstalled,
     keep_freed_memory,
+    limit_image_tokens,
     load_smollm2,
     smollm2_attention,
+    unquantized_modules,
+    vlm_prompt,
 )
 
 MAX_NEW_TOKENS = 128
@@ -46,8 +49,8 @@ MAX_CANDIDATE_TOKENS = 16
 REPETITION_PENALTY = 1.15
 NO_REPEAT_NGRAM = 6
 CONVERSATION_BUDGET_BYTES = 256 << 20
-# A plain LLaVA-style turn for processors that ship no chat template.
-PLAIN_VLM_PROMPT = "USER: {image}\n{text} ASSISTANT:"
+# Visual tokens an image may cost the VLM (its processor's own setting is lowered to fit).
+MAX_IMAGE_TOKENS = 1024
 
 
 @dataclass
@@ -347,12 +350,14 @@ class VlmBackend(_LazyModel):
         prblock: bool = True,
         saq: bool = True,
         max_new_tokens: int = MAX_NEW_TOKENS,
+        max_image_tokens: int = MAX_IMAGE_TOKENS,
     ):
         super().__init__()
         self.attention = attention or PrBlockConfig()
         self.kv_cache = kv_cache or SAQConfig()
         self.prblock, self.saq = prblock, saq
         self.max_new_tokens = max_new_tokens
+        self.max_image_tokens = max_image_tokens
         self.model_path = Path(model_path) if model_path else None
         self.quantization = quantization
 
@@ -368,9 +373,15 @@ class VlmBackend(_LazyModel):
             keep_freed_memory()
         options: dict = {"dtype": torch.bfloat16 if cuda else torch.float32}
         if self.quantization != "none":
-            options["quantization_config"] = bitsandbytes_config(self.quantization)
+            from transformers import AutoConfig
+
+            # The vision tower and projector stay in full precision: only the language model's
+            # linear layers are quantized.
+            skip = unquantized_modules(AutoConfig.from_pretrained(folder))
+            options["quantization_config"] = bitsandbytes_config(self.quantization, skip)
             options["device_map"] = {"": 0}
         processor = AutoProcessor.from_pretrained(folder)
+        limit_image_tokens(processor, self.max_image_tokens)
         model = AutoModelForImageTextToText.from_pretrained(folder, **options).eval()
         if cuda and self.quantization == "none":
             model = model.to("cuda")
@@ -382,16 +393,15 @@ class VlmBackend(_LazyModel):
 
     def draft(self, request: Request) -> Draft:
         from core.vlm.attention import protected_spans, token_spans
-        from core.vlm.saq import StaircaseCache
+        from core.vlm.saq import StaircaseCache, staircase_attention
 
         model, processor = self.load()
         text = history_text(request.history) + grounding_text(
             request.question, request.evidence, request.facts
         )
         image = request.image or Image.new("RGB", (224, 224), "white")
-        inputs = processor(images=image, text=vlm_prompt(processor, text), return_tensors="pt").to(
-            model.device
-        )
+        prompt = vlm_prompt(processor, text, model.config.model_type)
+        inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         image_token = image_token_id(model)
@@ -403,9 +413,11 @@ class VlmBackend(_LazyModel):
             else None
         )
         guard = protected_spans(model, spans) if self.prblock else nullcontext()
+        # Decode steps attend to the SAQ stairs where they are stored, not a dequantized copy.
+        in_place = staircase_attention(model, cache) if cache is not None else nullcontext()
         tokenizer = getattr(processor, "tokenizer", processor)
         started = time.perf_counter()
-        with guard:
+        with guard, in_place:
             written, count = guarded_generate(
                 model, tokenizer, dict(inputs), cache, self.max_new_tokens,
                 tokenizer.pad_token_id or tokenizer.eos_token_id,
@@ -434,7 +446,7 @@ def check_vlm_folder(path: Path | None) -> Path:
     return path
 
 
-def bitsandbytes_config(quantization: str):
+def bitsandbytes_config(quantization: str, skip_modules: Sequence[str] = ()):
     """4-bit or 8-bit weights, only where bitsandbytes can run: CUDA and the package present."""
     import torch
     from transformers import BitsAndBytesConfig
@@ -446,10 +458,12 @@ def bitsandbytes_config(quantization: str):
             f"{quantization} weights need a CUDA GPU and `pip install bitsandbytes`; "
             "set VLM_QUANTIZATION=none to load the model unquantized."
         )
+    skip = list(skip_modules) or None
     if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=skip,
     )
 
 
@@ -462,17 +476,6 @@ def image_token_id(model) -> int | None:
     return None
 
 
-def vlm_prompt(processor, text: str) -> str:
-    """The processor's chat template with one image and the text, or a plain LLaVA turn."""
-    if getattr(processor, "chat_template", None):
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
-        ]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    image = getattr(processor, "image_token", "<image>")
-    return PLAIN_VLM_PROMPT.format(image=image, text=text)
-
-
 def make_backend(settings: Settings) -> AnswerBackend:
     """The backend named by QA_BACKEND (embedded by default), configured from the settings."""
     if settings.qa_backend == "vlm":
@@ -481,6 +484,7 @@ def make_backend(settings: Settings) -> AnswerBackend:
             settings.vlm_quantization,
             settings.attention,
             settings.kv_cache,
+            max_image_tokens=settings.vlm_max_image_tokens,
         )
     if settings.qa_mode == "extract":
         return ExtractiveBackend()
