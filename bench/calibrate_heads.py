@@ -33,7 +33,7 @@ def main() -> None:
     ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.tokens]
     changes = head_changes(model, ids, config)
     print(
-        f"SmolLM2-135M heads by relative output change under block {config.block_size}, "
+        f"SmolLM2-135M heads by relative output change under block {config.block_size_on()}, "
         f"window {config.window}, sinks {config.sinks}, alpha {config.alpha:g} "
         f"({ids.shape[1]} tokens of Apache-2.0 + MPL-2.0, {torch.get_num_threads()} threads)"
     )
