@@ -373,12 +373,7 @@ class VlmBackend(_LazyModel):
             keep_freed_memory()
         options: dict = {"dtype": torch.bfloat16 if cuda else torch.float32}
         if self.quantization != "none":
-            from transformers import AutoConfig
-
-            # The vision tower and projector stay in full precision: only the language model's
-            # linear layers are quantized.
-            skip = unquantized_modules(AutoConfig.from_pretrained(folder))
-            options["quantization_config"] = bitsandbytes_config(self.quantization, skip)
+            options["quantization_config"] = bitsandbytes_config(self.quantization, folder)
             options["device_map"] = {"": 0}
         processor = AutoProcessor.from_pretrained(folder)
         limit_image_tokens(processor, self.max_image_tokens)
@@ -446,7 +441,7 @@ def check_vlm_folder(path: Path | None) -> Path:
     return path
 
 
-def bitsandbytes_config(quantization: str, skip_modules: Sequence[str] = ()):
+def bitsandbytes_config(quantization: str, model_folder: Path | None = None):
     """4-bit or 8-bit weights, only where bitsandbytes can run: CUDA and the package present."""
     import torch
     from transformers import BitsAndBytesConfig
@@ -458,7 +453,13 @@ def bitsandbytes_config(quantization: str, skip_modules: Sequence[str] = ()):
             f"{quantization} weights need a CUDA GPU and `pip install bitsandbytes`; "
             "set VLM_QUANTIZATION=none to load the model unquantized."
         )
-    skip = list(skip_modules) or None
+    skip = None
+    if model_folder is not None:
+        from transformers import AutoConfig
+
+        # The vision tower and projector stay in full precision: only the language model's
+        # linear layers are quantized.
+        skip = unquantized_modules(AutoConfig.from_pretrained(model_folder)) or None
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(

@@ -16,8 +16,9 @@ from core.qa.claims import Source, split_sentences
 MAX_ANSWER_CHARS = 1900
 MAX_BULLETS = 3
 MAX_LEAD_SENTENCES = 2
-# A second lead sentence only when it is short: the lead is read, the bullets are skimmed.
-SHORT_LEAD_CHARS = 110
+# The line an answer ends with, "Sources: [1] Title (origin); ...", to its end.
+SOURCES_LINE = re.compile(r"\n*Sources:.*\Z", re.S)
+_CITATION = re.compile(r"\s*\[\d+\]")
 UNSURE_PHOTO = "I could not tell what is in the photo, so this rests on the facts alone."
 SCOPE_REPLY = (
     "I answer questions about cars and their environmental impact: their parts, fuels, "
@@ -167,6 +168,11 @@ def _render(
     return "\n\n".join(parts), order
 
 
+def shown_text(answer: str) -> str:
+    """An answer's sentences without its bullets' marks, citations and sources line."""
+    return _CITATION.sub("", SOURCES_LINE.sub("", answer).replace("•", " "))
+
+
 def _no_stop(text: str) -> str:
     return text[:-1] if text.endswith(".") else text
 
@@ -179,7 +185,7 @@ def first_repeat(text: str, ngram: int = 8) -> str | None:
         if sentence and sentence in seen:
             return sentence
         seen.add(sentence)
-    words = _key(re.sub(r"\[\d+\]|Sources:.*", "", text, flags=re.S)).split()
+    words = _key(_CITATION.sub("", SOURCES_LINE.sub("", text))).split()
     grams: set[tuple[str, ...]] = set()
     for i in range(len(words) - ngram + 1):
         gram = tuple(words[i : i + ngram])

@@ -19,7 +19,14 @@ from core.qa.claims import (
     split_sentences,
     strip_citations,
 )
-from core.qa.compose import MAX_BULLETS, Candidate, candidates_of, compose, scope_refusal
+from core.qa.compose import (
+    MAX_BULLETS,
+    Candidate,
+    candidates_of,
+    compose,
+    scope_refusal,
+    shown_text,
+)
 from core.qa.retrieval import Fact, KnowledgeBase
 from core.qa.vision import VisionTagger, VisualEvidence, car_line, not_a_car_reply
 from core.worker import AnswerResult, JobView, check_question
@@ -118,13 +125,7 @@ def record_lead(question: str, evidence: VisualEvidence | None) -> Candidate | N
         text = f"Our library's record gives this car as a {name}{year}."
     else:
         return None
-    return Candidate(text, Source("record answer", text), 0, 1.0)
-
-
-def shown_text(answer: str) -> str:
-    """An answer's sentences without its bullets' marks, citations and sources line."""
-    body = re.sub(r"\n*Sources: .*\Z", "", answer, flags=re.S)
-    return re.sub(r"\s*\[\d+\]", "", body.replace("•", " "))
+    return Candidate(text, Source("record answer", text), 0)
 
 
 def record_source(evidence: VisualEvidence | None) -> Source | None:
@@ -215,9 +216,10 @@ class AnswerPipeline:
         lap("model")
         ranked = self.rank(question, candidates, facts, draft)
         own = record_lead(question, evidence)
-        lead = ([own] if own else None) or self.supported_sentences(
-            draft.written, sources, record
-        ) or self.lead(ranked)
+        if own is not None:
+            lead = [own]
+        else:
+            lead = self.supported_sentences(draft.written, sources, record) or self.lead(ranked)
         if history and record is not None and record.text in history[-1][1]:
             record = None  # the answer before already showed the car's record
         unsure = evidence is not None and not evidence.may_describe
@@ -242,7 +244,7 @@ class AnswerPipeline:
         pollute?" still gets facts about parts rather than a list of limits). A follow-up's
         `context` (the earlier question with this one) is searched with it."""
         k = k or self.facts_per_answer
-        facts = self.kb.search(question, k, context) if context else self.kb.search(question, k)
+        facts = self.kb.search(question, k, context)
         query = retrieval_query(question, evidence)
         if query == question or not facts or context:
             return facts
@@ -322,15 +324,15 @@ class AnswerPipeline:
 
     def _restates(self, text: str, shown: list[Source]) -> bool:
         """Whether a shown sentence says nearly the same, with every number of the text."""
-        sentences = [(source, sentence) for source in shown for sentence in source.sentences]
+        sentences = [sentence for source in shown for sentence in source.sentences]
         if not sentences:
             return False
-        near = self.checker.vectors([t for _, t in sentences]) @ self.checker.vectors([text])[0]
+        near = self.checker.vectors(sentences) @ self.checker.vectors([text])[0]
         wanted = quantities(text)
         return any(
             closeness >= NEAR_DUPLICATE
             and all(any(q.matches(have) for have in quantities(sentence)) for q in wanted)
-            for (_, sentence), closeness in zip(sentences, near, strict=True)
+            for sentence, closeness in zip(sentences, near, strict=True)
         )
 
     def supported_sentences(
@@ -347,7 +349,9 @@ class AnswerPipeline:
                 against.append(record)
             verdict = self.checker.check(text, against)
             if verdict.supported:
-                kept.append(Candidate(text, verdict.source, position, verdict.similarity))
+                kept.append(
+                    Candidate(text, verdict.source, position, similarity=verdict.similarity)
+                )
         return kept
 
     def answer_job(self, job: JobView, progress: Progress) -> AnswerResult:

@@ -1,9 +1,9 @@
 """The grounded prompt: visual evidence, the car's record, numbered facts and the question, and
 the chat messages of a conversation (earlier turns first, so their KV cache can be reused)."""
 
-import re
 from collections.abc import Sequence
 
+from core.qa.compose import SOURCES_LINE
 from core.qa.retrieval import Fact
 from core.qa.vision import VisualEvidence
 
@@ -12,7 +12,6 @@ SYSTEM = (
     "sentences, using only the numbered facts and the photo evidence. Cite every fact you use "
     "with its number in brackets, like [1]. If the facts do not answer the question, say so."
 )
-_SOURCES_LINE = re.compile(r"\n*Sources:.*\Z", re.S)
 
 
 def grounding_text(
@@ -43,7 +42,7 @@ def grounding_text(
 def answer_body(answer: str) -> str:
     """An earlier answer as the model is reminded of it: its lead paragraph, which answered the
     question (its bullets and sources would only lengthen every later turn's prompt)."""
-    lead = _SOURCES_LINE.sub("", answer).strip().split("\n\n")
+    lead = SOURCES_LINE.sub("", answer).strip().split("\n\n")
     return lead[1] if lead[0].startswith("I could not tell") and len(lead) > 1 else lead[0]
 
 
