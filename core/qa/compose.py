@@ -25,8 +25,12 @@ SCOPE_REPLY = (
     "emissions and emission standards, CO2, tyres and how to drive or maintain them cleaner, "
     'in English; for example "Which parts of this car pollute?"'
 )
-# A pronoun at the start means the sentence leans on the one before it in its fact.
-_LEANING = re.compile(r"^(?:it|its|this|these|that|those|they|them|such|both|so|then)\b", re.I)
+# A pronoun at the start, or right after an opening phrase ("Used mostly for short trips, its
+# filter..."), means the sentence leans on the one before it in its fact.
+_LEANING = re.compile(
+    r"^(?:[^,.;]{0,60},\s+)?(?:it|its|this|these|that|those|they|them|their|such|both|so|then)\b",
+    re.I,
+)
 _INJECTION = re.compile(
     r"\b(?:ignore|disregard|forget|override)\b.{0,40}\b(?:instructions?|rules|prompt|above|"
     r"previous|everything)\b|system prompt|\byou are now\b|\bpretend\b|\bjailbreak|\bDAN\b|"

@@ -29,6 +29,17 @@ def test_a_leaning_sentence_stays_with_the_one_before_it():
                      "It contains platinum."]  # fmt: skip
 
 
+def test_a_sentence_whose_subject_is_an_earlier_its_stays_with_it():
+    diesel = Source("[1]", "A modern diesel suits long steady drives. Used mostly for short "
+                    "trips, its particulate filter cannot regenerate. In town, a hybrid is "
+                    "cleaner.", number=1)  # fmt: skip
+    assert [c.text for c in candidates_of([diesel])] == [
+        "A modern diesel suits long steady drives. Used mostly for short trips, its particulate "
+        "filter cannot regenerate.",
+        "In town, a hybrid is cleaner.",
+    ]
+
+
 def test_the_answer_leads_then_bullets_then_the_record_then_numbered_sources():
     lead, *rest = candidates_of([TYRES, CAT])
     text, cited = compose([lead], rest, RECORD)
